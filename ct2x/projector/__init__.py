@@ -1,0 +1,7 @@
+"""Forward projection (DRR line integrals and maximum-intensity projections) and backprojection."""
+
+from .backprojection import backproject_view
+from .reference import reference_projection
+from .slicewarp import MODES, SliceWarpProjector, backproject, project
+
+__all__ = ["MODES", "SliceWarpProjector", "backproject", "backproject_view", "project", "reference_projection"]
