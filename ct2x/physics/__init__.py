@@ -1,0 +1,29 @@
+"""X-ray physics in torch + numpy: HU -> materials, tube spectra, polychromatic transmission, noise."""
+
+from __future__ import annotations
+
+from ct2x.physics.materials import (
+    AIR_MAX_HU,
+    MATERIALS,
+    SOFT_TISSUE_MAX_HU,
+    hu_to_density,
+    material_densities,
+    material_fractions,
+)
+from ct2x.physics.noise import add_quantum_noise
+from ct2x.physics.spectra import SPECTRA, Spectrum, load_spectrum, monochromatic_transmission, transmission
+
+__all__ = [
+    "AIR_MAX_HU",
+    "MATERIALS",
+    "SOFT_TISSUE_MAX_HU",
+    "SPECTRA",
+    "Spectrum",
+    "add_quantum_noise",
+    "hu_to_density",
+    "load_spectrum",
+    "material_densities",
+    "material_fractions",
+    "monochromatic_transmission",
+    "transmission",
+]

@@ -1,0 +1,57 @@
+"""CT numbers (HU) -> mass density and air / soft tissue / bone decomposition, as in DeepDRR.
+
+The projector integrates the three channels of `material_densities` (g/cm^3) along each ray. A line integral
+of them in mm, divided by 10, is the area density A_m in g/cm^2 that `ct2x.physics.transmission` expects.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ct2x.errors import CT2XInputError
+
+MATERIALS = ("air", "soft_tissue", "bone")  # channel order everywhere
+AIR_MAX_HU = -800.0  # air: HU <= -800
+SOFT_TISSUE_MAX_HU = 350.0  # soft tissue: -800 < HU <= 350; bone: HU > 350
+
+
+def _as_float(hu: Tensor) -> Tensor:
+    hu = torch.as_tensor(hu)
+    return hu if hu.is_floating_point() else hu.to(torch.float32)
+
+
+def hu_to_density(hu: Tensor) -> Tensor:
+    """Mass density in g/cm^3 from HU: DeepDRR's two linear fits meeting at HU 0, clipped at 0.
+
+    -1000 HU -> 0.001, 0 HU -> 1.03, 1000 HU -> 1.619 g/cm^3. Same shape as ``hu``; integer HU give float32.
+    """
+    hu = _as_float(hu)
+    return torch.clamp(torch.minimum(0.001029 * hu + 1.030, 0.0005886 * hu + 1.03), min=0.0)
+
+
+def material_fractions(hu: Tensor, smooth: bool = False, width_hu: float = 50.0) -> Tensor:
+    """Fractions of air, soft tissue and bone per voxel, shape (3, *hu.shape), summing to 1.
+
+    ``smooth=False``: one-hot by the thresholds (air <= -800 < soft tissue <= 350 < bone HU).
+    ``smooth=True``: logistic ramps centred on the thresholds whose tangent rises from 0 to 1 over
+    ``width_hu`` (12 % -> 88 % across the width), so gradients reach the HU values.
+    """
+    hu = _as_float(hu)
+    if smooth:
+        if not width_hu > 0:
+            raise CT2XInputError(f"width_hu={width_hu}: the ramp width must be > 0 HU (e.g. 50).")
+        above_air = torch.sigmoid((hu - AIR_MAX_HU) * (4.0 / width_hu))
+        above_soft_tissue = torch.sigmoid((hu - SOFT_TISSUE_MAX_HU) * (4.0 / width_hu))
+    else:
+        above_air = (hu > AIR_MAX_HU).to(hu.dtype)
+        above_soft_tissue = (hu > SOFT_TISSUE_MAX_HU).to(hu.dtype)
+    return torch.stack([1.0 - above_air, above_air - above_soft_tissue, above_soft_tissue])
+
+
+def material_densities(hu: Tensor, smooth: bool = False, width_hu: float = 50.0) -> Tensor:
+    """Partial densities of air, soft tissue and bone in g/cm^3, shape (3, *hu.shape).
+
+    density(HU) * fractions(HU): the channels the projector integrates. A line integral in mm / 10 = g/cm^2.
+    """
+    return hu_to_density(hu) * material_fractions(hu, smooth=smooth, width_hu=width_hu)
