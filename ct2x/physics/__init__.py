@@ -11,7 +11,14 @@ from ct2x.physics.materials import (
     material_fractions,
 )
 from ct2x.physics.noise import add_quantum_noise
-from ct2x.physics.spectra import SPECTRA, Spectrum, load_spectrum, monochromatic_transmission, transmission
+from ct2x.physics.spectra import (
+    SPECTRA,
+    Spectrum,
+    load_spectrum,
+    mass_attenuation_at,
+    monochromatic_transmission,
+    transmission,
+)
 
 __all__ = [
     "AIR_MAX_HU",
@@ -22,6 +29,7 @@ __all__ = [
     "add_quantum_noise",
     "hu_to_density",
     "load_spectrum",
+    "mass_attenuation_at",
     "material_densities",
     "material_fractions",
     "monochromatic_transmission",

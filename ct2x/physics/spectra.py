@@ -124,21 +124,21 @@ def transmission(area_density_g_cm2: Tensor, spectrum: Spectrum, energy_weighted
     return result.reshape(per_pixel.shape[:-1]).to(area_density_g_cm2.dtype)
 
 
-def monochromatic_transmission(area_density_g_cm2: Tensor, energy_kev: float) -> Tensor:
-    """Transmission exp(-sum_m mu_m(E) A_m) at one photon energy (keV); (..., 3, H, W) g/cm^2 -> (..., H, W).
-
-    mu/rho is interpolated log-log between the table's bin centres (10.25 to 119.75 keV).
-    """
-    _check_area_density(area_density_g_cm2)
+def mass_attenuation_at(energy_kev: float) -> np.ndarray:
+    """(3,) mu/rho of `MATERIALS` at one photon energy, cm^2/g, log-log interpolated on the table (10.25-119.75 keV)."""
     tables = _tables()
     energies_kev = tables["energies_kev"]
     if not energies_kev[0] <= energy_kev <= energies_kev[-1]:
         raise CT2XInputError(
             f"energy_kev={energy_kev} is outside the tables: use {energies_kev[0]} to {energies_kev[-1]} keV."
         )
-    mu_rho = [  # (3,) cm^2/g at energy_kev
-        np.exp(np.interp(np.log(energy_kev), np.log(energies_kev), np.log(material)))
-        for material in tables["mass_attenuation_cm2_g"]
-    ]
-    mu = torch.as_tensor(np.array(mu_rho), dtype=area_density_g_cm2.dtype, device=area_density_g_cm2.device)
+    return np.array([np.exp(np.interp(np.log(energy_kev), np.log(energies_kev), np.log(material)))
+                     for material in tables["mass_attenuation_cm2_g"]])
+
+
+def monochromatic_transmission(area_density_g_cm2: Tensor, energy_kev: float) -> Tensor:
+    """Transmission exp(-sum_m mu_m(E) A_m) at one photon energy (keV); (..., 3, H, W) g/cm^2 -> (..., H, W)."""
+    _check_area_density(area_density_g_cm2)
+    mu = torch.as_tensor(mass_attenuation_at(energy_kev), dtype=area_density_g_cm2.dtype,
+                         device=area_density_g_cm2.device)
     return torch.exp(-(area_density_g_cm2 * mu[:, None, None]).sum(-3))
