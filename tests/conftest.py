@@ -38,7 +38,7 @@ def ct_phantom() -> CTVolume:
     return CTVolume(hu=hu, affine=affine, source="ct_phantom")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def data_dir() -> Path:
     """The real-scan folder from CT2X_DATA_DIR; skips the test when it is unset or missing."""
     value = os.environ.get("CT2X_DATA_DIR")

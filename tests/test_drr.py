@@ -1,0 +1,142 @@
+import numpy as np
+import pytest
+
+from ct2x import phantoms
+from ct2x.drr import DRRRenderer, Physics, auto_window, to_display
+from ct2x.errors import CT2XInputError
+from ct2x.geometry import CArm, Detector
+from ct2x.volume import CTVolume
+
+WIDE_CARM = CArm(1020, 700, Detector.square(64, 430 / 64))  # 430 mm detector: the whole chest in view
+
+
+@pytest.fixture(scope="module")
+def chest():
+    return phantoms.chest(size=64, spacing_mm=5.0)
+
+
+@pytest.fixture(scope="module")
+def chest_renderer(chest):
+    return DRRRenderer(chest, WIDE_CARM)
+
+
+def test_radiograph_outputs(chest_renderer):
+    film = chest_renderer.render(0)
+    assert film.attenuation.shape == film.display.shape == (64, 64)
+    assert film.attenuation.dtype == np.float32 and film.display.dtype == np.uint8
+    assert film.attenuation.min() >= 0 and film.attenuation.max() > 1.0
+    assert set(film.area_density_g_cm2) == {"air", "soft_tissue", "bone"}
+    assert film.area_density_g_cm2["bone"].max() > 0 and film.display.max() == 255
+
+
+def test_bone_only_and_bone_suppressed_films_add_up(chest_renderer):
+    film = chest_renderer.render(0)
+    bone = film.material_attenuation(["bone"])
+    soft = film.material_attenuation(["air", "soft_tissue"])
+    spine = (slice(28, 36), slice(30, 34))  # the spine projects onto the image centre
+    assert bone[spine].mean() > 0.2
+    np.testing.assert_array_equal(bone[film.area_density_g_cm2["bone"] == 0], 0)
+    # Beam hardening: the materials together attenuate less than the sum of each alone.
+    assert np.all(film.attenuation <= bone + soft + 1e-4)
+    assert film.attenuation[spine].mean() > 0.9 * (bone + soft)[spine].mean()
+
+
+def test_more_bone_gives_a_brighter_film(chest):
+    denser = CTVolume(np.where(chest.hu > 350, chest.hu + 600, chest.hu), chest.affine, "denser bone")
+    base = DRRRenderer(chest, WIDE_CARM, window=(0.0, 10.0)).render(0)
+    more = DRRRenderer(denser, WIDE_CARM, window=(0.0, 10.0)).render(0)
+    bone = base.area_density_g_cm2["bone"] > 0.5
+    assert np.all(more.attenuation[bone] > base.attenuation[bone])
+    assert more.display[bone].mean() > base.display[bone].mean()
+    np.testing.assert_allclose(more.attenuation[~(base.area_density_g_cm2["bone"] > 0)],
+                               base.attenuation[~(base.area_density_g_cm2["bone"] > 0)], atol=1e-5)
+
+
+def test_harder_spectrum_attenuates_less(chest):
+    soft_beam = DRRRenderer(chest, WIDE_CARM, Physics(spectrum="60kV")).render(0).attenuation
+    hard_beam = DRRRenderer(chest, WIDE_CARM, Physics(spectrum="120kV")).render(0).attenuation
+    assert hard_beam.mean() < 0.9 * soft_beam.mean()
+
+
+def test_monochromatic_fast_path_matches_a_one_energy_spectrum_in_soft_tissue(chest):
+    film = DRRRenderer(chest, WIDE_CARM, Physics(energy_kev=40.0)).render(0)
+    assert film.area_density_g_cm2 == {}
+    with pytest.raises(CT2XInputError, match="polychromatic"):
+        film.material_attenuation(["bone"])
+    poly = DRRRenderer(chest, WIDE_CARM).render(0)
+    assert 0.7 < film.attenuation.mean() / poly.attenuation.mean() < 1.3  # 40 keV is near the 60 kV mean energy
+
+
+def test_noise_is_reproducible_with_a_seed(chest):
+    physics = Physics(noise_photons=1e4, seed=7)
+    first = DRRRenderer(chest, WIDE_CARM, physics).render(30).attenuation
+    again = DRRRenderer(chest, WIDE_CARM, physics).render(30).attenuation
+    other = DRRRenderer(chest, WIDE_CARM, Physics(noise_photons=1e4, seed=8)).render(30).attenuation
+    clean = DRRRenderer(chest, WIDE_CARM).render(30).attenuation
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+    assert 0.001 < np.abs(first - clean).mean() < 0.1
+
+
+def test_window_is_fixed_by_the_first_render(chest):
+    renderer = DRRRenderer(chest, WIDE_CARM)
+    first = renderer.render(0)
+    lateral = renderer.render(90)
+    assert lateral.window == first.window
+
+
+def test_display_mapping():
+    attenuation = np.array([[0.0, 1.0, 2.0, 3.0]], dtype=np.float32)
+    np.testing.assert_array_equal(to_display(attenuation, (1.0, 3.0)), [[0, 0, 128, 255]])
+    low, high = auto_window(np.linspace(0, 5, 1000).reshape(10, 100).astype(np.float32))
+    assert 0 < low < 0.2 and 4.9 < high <= 5
+
+
+def test_invalid_physics_settings(chest):
+    with pytest.raises(CT2XInputError, match="spectrum"):
+        DRRRenderer(chest, WIDE_CARM, Physics(spectrum="200kV"))
+    with pytest.raises(CT2XInputError, match="photon"):
+        DRRRenderer(chest, WIDE_CARM, Physics(noise_photons=0))
+
+
+# --- real scans -----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def real_chest_films(data_dir):
+    from ct2x.io import load_ct
+
+    volume = load_ct(data_dir / "ct" / "chest_popi_phase00.nii.gz")
+    renderer = DRRRenderer(volume, CArm(1020, 700, Detector.square(128, 430 / 128)))
+    return {angle: renderer.render(angle) for angle in (0, 90)}
+
+
+@pytest.mark.realdata
+def test_real_chest_ap_is_nearly_left_right_symmetric(real_chest_films):
+    ap = real_chest_films[0].attenuation
+    mirrored = ap[:, ::-1]
+
+    def correlation_with_mirror(shift):  # the patient's midline need not be the image centre
+        a, b = (ap[:, shift:], mirrored[:, :ap.shape[1] - shift]) if shift >= 0 else (ap[:, :shift], mirrored[:, -shift:])
+        return np.corrcoef(a.ravel(), b.ravel())[0, 1]
+
+    best = max(correlation_with_mirror(shift) for shift in range(-16, 17))
+    assert best > 0.85
+    up_down = np.corrcoef(ap.ravel(), ap[::-1].ravel())[0, 1]  # a chest is not symmetric head-to-foot
+    assert best > up_down + 0.3
+
+
+@pytest.mark.realdata
+def test_real_chest_lungs_are_darker_than_the_spine(real_chest_films):
+    ap = real_chest_films[0].display.astype(float)
+    rows = slice(40, 80)  # mid-thorax
+    spine = ap[rows, 60:68].mean()
+    lungs = min(ap[rows, 28:44].mean(), ap[rows, 84:100].mean())
+    assert lungs < spine - 40
+
+
+@pytest.mark.realdata
+def test_real_chest_lateral_shows_the_spine_posterior(real_chest_films):
+    # Left lateral (+90 deg): the patient faces image right, so the spine (most bone) sits in the left half.
+    bone = real_chest_films[90].area_density_g_cm2["bone"][40:100]
+    columns = np.arange(bone.shape[1])
+    spine_column = columns[np.argmax(bone.sum(0))]
+    assert spine_column < 64 - 10
