@@ -115,7 +115,12 @@ def test_real_chest_ap_is_nearly_left_right_symmetric(real_chest_films):
     mirrored = ap[:, ::-1]
 
     def correlation_with_mirror(shift):  # the patient's midline need not be the image centre
-        a, b = (ap[:, shift:], mirrored[:, :ap.shape[1] - shift]) if shift >= 0 else (ap[:, :shift], mirrored[:, -shift:])
+        if shift < 0:
+            return correlation_with_mirror_of(mirrored, ap, -shift)
+        return correlation_with_mirror_of(ap, mirrored, shift)
+
+    def correlation_with_mirror_of(a, b, shift):
+        a, b = a[:, shift:], b[:, :a.shape[1] - shift]
         return np.corrcoef(a.ravel(), b.ravel())[0, 1]
 
     best = max(correlation_with_mirror(shift) for shift in range(-16, 17))
