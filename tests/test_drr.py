@@ -114,16 +114,12 @@ def test_real_chest_ap_is_nearly_left_right_symmetric(real_chest_films):
     ap = real_chest_films[0].attenuation
     mirrored = ap[:, ::-1]
 
-    def correlation_with_mirror(shift):  # the patient's midline need not be the image centre
+    def shifted_correlation(a, b, shift):  # the patient's midline need not be the image centre
         if shift < 0:
-            return correlation_with_mirror_of(mirrored, ap, -shift)
-        return correlation_with_mirror_of(ap, mirrored, shift)
+            a, b, shift = b, a, -shift
+        return np.corrcoef(a[:, shift:].ravel(), b[:, :a.shape[1] - shift].ravel())[0, 1]
 
-    def correlation_with_mirror_of(a, b, shift):
-        a, b = a[:, shift:], b[:, :a.shape[1] - shift]
-        return np.corrcoef(a.ravel(), b.ravel())[0, 1]
-
-    best = max(correlation_with_mirror(shift) for shift in range(-16, 17))
+    best = max(shifted_correlation(ap, mirrored, shift) for shift in range(-16, 17))
     assert best > 0.85
     up_down = np.corrcoef(ap.ravel(), ap[::-1].ravel())[0, 1]  # a chest is not symmetric head-to-foot
     assert best > up_down + 0.3
