@@ -3,7 +3,8 @@
 Every renderer takes the same input, a volume of linear attenuation coefficients `mu` (K, J, I) float32 in 1/mm with
 its voxel (i, j, k) -> RAS mm affine, and returns the line integral of mu along each ray (unitless) as an (H, W)
 float64 image laid out like ours: row 0 at the top of the detector (`view.row_direction` points down the rows),
-columns along `view.column_direction`. The mapping from each peer's conventions to ours:
+columns along `view.column_direction` (the peers render in camera layout, so a mirrored, radiologically displayed
+PA-like view gets its columns flipped). The mapping from each peer's conventions to ours:
 
 - DiffDRR 0.6.1 (`diffdrr.drr.DRR`, Siddon renderer by default): camera at the source looking along +z, detector
   pixel (r, c) at x = -(c + 0.5 - W/2) * delx, y = -(r + 0.5 - H/2) * dely with `reverse_x_axis=True`, i.e. our camera
@@ -15,8 +16,7 @@ columns along `view.column_direction`. The mapping from each peer's conventions 
 - plastimatch `drr` (Debian package): LPS world; a volume with identity direction (checked); `-n` the unit vector
   isocentre -> source, `--vup` the vector towards the top row, `-o` the isocentre, all in LPS mm; `-P none` so it
   integrates our mu instead of its own 0.022 (1 + HU/1000) with HU <= -800 -> 0; its output is divided by 10
-  ("mm -> cm"), so we multiply by 10. Its image then lines up with ours; a mirrored (radiological PA) view flips its
-  columns. `-n` is used instead of `-y` (gantry angle) because plastimatch 1.9.4 takes the gantry angle in radians.
+  ("mm -> cm"), so we multiply by 10. Its image then lines up with ours. `-n` is used instead of `-y` (gantry angle) because plastimatch 1.9.4 takes the gantry angle in radians.
 """
 
 from __future__ import annotations
@@ -65,6 +65,10 @@ class Renderer:
         """The (H, W) float64 line-integral image, aligned with ours."""
         raise NotImplementedError
 
+    def displayed(self, image: np.ndarray) -> np.ndarray:
+        """An image in camera layout (columns along camera x) -> our display layout, mirrored for PA-like views."""
+        return np.ascontiguousarray(image[:, ::-1] if self.view.mirrored else image)
+
     def timed_renders(self, warmup: int, repeats: int, max_seconds: float) -> Tuple[List[float], np.ndarray]:
         """Seconds per render for up to `repeats` renders after `warmup` untimed ones, and the last image.
 
@@ -106,7 +110,7 @@ class DiffDRRRenderer(Renderer):
 
     def render(self) -> np.ndarray:
         with torch.no_grad():
-            return self.drr(self.pose, **self.render_kwargs)[0, 0].double().numpy()
+            return self.displayed(self.drr(self.pose, **self.render_kwargs)[0, 0].double().numpy())
 
 
 class DiffDRRTrilinearRenderer(DiffDRRRenderer):
@@ -137,7 +141,8 @@ class NanoDRRRenderer(Renderer):
 
     def render(self) -> np.ndarray:
         with torch.no_grad():
-            return self.drr(self.subject, self.rt_inv, n_samples=self.n_samples, backend="torch")[0, 0].double().numpy()
+            image = self.drr(self.subject, self.rt_inv, n_samples=self.n_samples, backend="torch")
+        return self.displayed(image[0, 0].double().numpy())
 
 
 class PlastimatchRenderer(Renderer):
@@ -187,9 +192,7 @@ class PlastimatchRenderer(Renderer):
         image = _read_pfm(output) * 10.0  # plastimatch divides line integrals by 10 (mm -> cm)
         output.unlink()
         Path(f"{self.output_prefix}0000.txt").unlink()
-        if self.view.mirrored:  # radiological display of a posterior-source view: columns run the other way
-            image = image[:, ::-1]
-        return total - writing, np.ascontiguousarray(image)
+        return total - writing, self.displayed(image)
 
     def render(self) -> np.ndarray:
         return self._run()[1]

@@ -52,6 +52,8 @@ class _Stack:
 class SliceWarpProjector:
     """Projects a batch of volumes (B, C, K, J, I) with a voxel->RAS affine at any number of views.
 
+    float32/float64 anywhere; float16/bfloat16 on CUDA (on the CPU they are computed in float32).
+
     Differentiable with respect to the volume. Re-sliced copies are cached per (main axis, filter factors) when the
     volume does not require gradients; with gradients they are rebuilt per call so that every call has its own graph.
     """
@@ -61,6 +63,8 @@ class SliceWarpProjector:
             raise CT2XInputError(f"projector volume must be (B, C, K, J, I), got shape {tuple(volume.shape)}")
         if min(volume.shape[2:]) < 2:
             raise CT2XInputError(f"projector volume needs at least 2 voxels per axis, got {tuple(volume.shape[2:])}")
+        if volume.device.type == "cpu" and volume.dtype in (torch.float16, torch.bfloat16):
+            volume = volume.float()  # CPU grid_sample has no half-precision kernel worth using (bf16 crashed here)
         self.volume = volume
         self.affine = np.asarray(affine, dtype=np.float64)
         self.world_to_voxel = np.linalg.inv(self.affine)

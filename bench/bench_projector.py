@@ -1,0 +1,310 @@
+"""Benchmark our slice-warp projector against DiffDRR, nanodrr and plastimatch on the real chest CT (CPU).
+
+    python bench/bench_projector.py [--data-dir ../shared/data] [--repeats 7] [--peers diffdrr,nanodrr,plastimatch]
+
+Cases: the chest CT at full resolution (512 x 512 x 141) and resampled to 128^3, AP and lateral views, 128^2 and
+256^2 detectors (C-arm: source-to-detector 1020 mm, source-to-isocentre 700 mm, 430 mm square detector, isocentre at
+the volume centre, cone beam). Every engine integrates the same mu = 0.02/mm * max(0, 1 + HU/1000). Each engine runs
+each case in its own worker process (this script with --engine/--case) so that peak memory is its own. The exact
+reference (`ct2x.projector.reference_projection`, 0.5 mm steps) is computed once per case and cached in bench/_work/.
+See bench/README.md for the columns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from ct2x.geometry import CArm, Detector, View
+from ct2x.io import load_ct
+from ct2x.projector import SliceWarpProjector, reference_projection
+from ct2x.volume import CTVolume
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import DEFAULT_PEERS, PEERS, Renderer, hu_to_mu, max_rss_mb, missing  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CHEST_CT = "ct/chest_popi_phase00.nii.gz"
+SOURCE_TO_DETECTOR_MM = 1020.0
+SOURCE_TO_ISOCENTER_MM = 700.0
+DETECTOR_MM = 430.0  # square detector edge
+SIZES = (128, 256)  # detector pixels per side
+VIEWS = {"AP": 0.0, "lateral": 90.0}  # C-arm primary angle, degrees
+VOLUMES = {"chest512": "512²×141", "chest128": "128³"}  # cache name -> label
+RESAMPLED_SIZE = 128  # voxels per axis of the resampled volume
+REFERENCE_STEP_MM = 0.5
+PREP_REPEATS = 3  # our per-CT preparation is timed this many times (median)
+ENGINE_LABELS = {"ours": "ours", "diffdrr": "DiffDRR", "diffdrr-trilinear": "DiffDRR-tri", "nanodrr": "nanodrr",
+                 "plastimatch": "plastimatch"}
+
+
+# --- cases and views -------------------------------------------------------------------------------------------
+def case_name(volume: str, view: str, size: int) -> str:
+    return f"{volume}-{view}-{size}"
+
+
+def parse_case(case: str) -> Tuple[str, str, int]:
+    volume, view, size = case.split("-")
+    return volume, view, int(size)
+
+
+def make_view(affine: np.ndarray, shape_kji: Tuple[int, ...], view: str, size: int) -> View:
+    """The benchmark view of a volume: isocentre at the volume centre (RAS mm), 430 mm detector of size^2 pixels."""
+    center_ijk = (np.array(shape_kji[::-1], dtype=np.float64) - 1.0) / 2.0  # (3,) voxel index
+    center_ras = affine[:3, :3] @ center_ijk + affine[:3, 3]
+    carm = CArm(SOURCE_TO_DETECTOR_MM, SOURCE_TO_ISOCENTER_MM, Detector.square(size, DETECTOR_MM / size))
+    return carm.view(VIEWS[view], 0.0, center_ras)
+
+
+# --- volumes (cached as mu in bench/_work/<volume>/) ------------------------------------------------------------
+def resample_to_cube(volume: CTVolume, size: int) -> CTVolume:
+    """The whole volume resampled (linear) to `size` voxels per axis, covering the same box."""
+    image = volume.to_sitk()
+    old_size = np.array(image.GetSize(), dtype=np.float64)
+    old_spacing = np.array(image.GetSpacing())
+    new_spacing = old_size * old_spacing / size  # (3,) mm, same extent
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    origin = np.array(image.GetOrigin()) + direction @ ((new_spacing - old_spacing) / 2.0)  # LPS mm, voxel 0 centre
+    resampled = sitk.Resample(image, [size] * 3, sitk.Transform(), sitk.sitkLinear, origin.tolist(),
+                              new_spacing.tolist(), image.GetDirection(), -1024.0, sitk.sitkFloat32)
+    return CTVolume.from_sitk(resampled, source=f"{volume.source} resampled to {size}^3")
+
+
+def prepare_volumes(data_dir: Path, work_root: Path) -> None:
+    """Write mu.npy (K, J, I float32 1/mm) and affine.npy (ijk -> RAS) for each volume, unless already current."""
+    path = data_dir / CHEST_CT
+    if not path.is_file():
+        raise SystemExit(f"{path}: not found; pass --data-dir (the shared data folder) or set CT2X_DATA_DIR")
+    stamp = {"source": str(path.resolve()), "mtime": path.stat().st_mtime, "resampled_size": RESAMPLED_SIZE}
+    if all(_read_json(work_root / name / "volume.json") == stamp for name in VOLUMES):
+        return
+    full = load_ct(path)
+    for name, volume in (("chest512", full), ("chest128", resample_to_cube(full, RESAMPLED_SIZE))):
+        folder = work_root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.iterdir():  # references, results and plastimatch input of an older volume
+            stale.unlink()
+        np.save(folder / "mu.npy", hu_to_mu(volume.hu))
+        np.save(folder / "affine.npy", volume.affine)
+        (folder / "volume.json").write_text(json.dumps(stamp))
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# --- worker: one engine, one case ------------------------------------------------------------------------------
+class OursRenderer(Renderer):
+    """`SliceWarpProjector` (anti-aliased, the default); setup = constructor + prepare([view])."""
+
+    name = "ours"
+
+    def __init__(self, mu: np.ndarray, affine: np.ndarray, view: View, work_dir: Path):
+        super().__init__(mu, affine, view, work_dir)
+        self.volume = torch.from_numpy(mu)[None, None]  # (1, 1, K, J, I) 1/mm
+        self.affine = affine
+        self.prep_seconds = []
+        for _ in range(PREP_REPEATS):
+            start = time.perf_counter()
+            self.projector = SliceWarpProjector(self.volume, affine)
+            self.projector.prepare([view])
+            self.prep_seconds.append(time.perf_counter() - start)
+
+    def render(self) -> np.ndarray:
+        with torch.no_grad():
+            return self.projector.project([self.view])[0, 0, 0].double().numpy()
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    volume, view_name, size = parse_case(args.case)
+    folder = args.work_dir / volume
+    mu = np.load(folder / "mu.npy")  # (K, J, I) float32 1/mm
+    affine = np.load(folder / "affine.npy")
+    view = make_view(affine, mu.shape, view_name, size)
+    out = folder / "results" / args.case
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"engine": args.engine, "case": args.case, "threads": args.threads,
+              "rss_before_engine_mb": max_rss_mb()}
+    if args.engine == "reference":
+        start = time.perf_counter()
+        image = reference_projection(torch.from_numpy(mu)[None], affine, view, REFERENCE_STEP_MM)[0].numpy()
+        result["seconds"] = [time.perf_counter() - start]
+        np.save(folder / f"reference_{view_name}_{size}.npy", image)
+    else:
+        renderer_class = OursRenderer if args.engine == "ours" else PEERS[args.engine]
+        start = time.perf_counter()
+        renderer = renderer_class(mu, affine, view, folder)
+        result["setup_seconds"] = time.perf_counter() - start
+        if isinstance(renderer, OursRenderer):
+            result["prep_seconds"] = renderer.prep_seconds
+        result["seconds"], image = renderer.timed_renders(1, args.repeats, args.max_seconds)
+        result["peak_rss_mb"] = max_rss_mb(children=renderer.measures_children)
+        np.save(out / f"{args.engine}.npy", image)
+    (out / f"{args.engine}.json").write_text(json.dumps(result))
+
+
+# --- driver ----------------------------------------------------------------------------------------------------
+def spawn(args: argparse.Namespace, engine: str, case: str) -> Optional[str]:
+    """Run one worker; None on success, else a short reason."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--engine", engine, "--case", case,
+               "--work-dir", str(args.work_dir), "--repeats", str(args.repeats),
+               "--max-seconds", str(args.max_seconds), "--threads", str(args.threads)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return f"timed out after {args.timeout:.0f} s"
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines() or [f"exit status {done.returncode}"]
+        sys.stderr.write(f"[{engine} {case}] failed:\n{done.stderr[-3000:]}\n")
+        return "failed: " + lines[-1][:80]
+    return None
+
+
+def relative_l2(ours: np.ndarray, other: np.ndarray) -> float:
+    """||ours - other|| / ||other|| over the whole image."""
+    return float(np.linalg.norm(ours - other) / np.linalg.norm(other))
+
+
+def run_case(args: argparse.Namespace, case: str, peers: List[str], unavailable: Dict[str, str]) -> dict:
+    volume, view_name, size = parse_case(case)
+    folder = args.work_dir / volume
+    reference_path = folder / f"reference_{view_name}_{size}.npy"
+    row = {"case": case, "engines": {}}
+    if not reference_path.is_file():
+        print(f"  {case}: exact reference (once; cached in {reference_path.parent})", file=sys.stderr, flush=True)
+        error = spawn(args, "reference", case)
+        if error:
+            raise SystemExit(f"reference projection failed for {case}: {error}")
+    reference = np.load(reference_path)
+    ours = None
+    for engine in ["ours"] + peers:
+        if engine in unavailable:
+            row["engines"][engine] = {"status": unavailable[engine]}
+            continue
+        print(f"  {case}: {engine}", file=sys.stderr, flush=True)
+        error = spawn(args, engine, case)
+        if error:
+            row["engines"][engine] = {"status": error}
+            continue
+        out = folder / "results" / case
+        result = json.loads((out / f"{engine}.json").read_text())
+        image = np.load(out / f"{engine}.npy")
+        result["status"] = "ok"
+        result["median_ms"] = 1000.0 * float(np.median(result["seconds"]))
+        result["l2_vs_reference"] = relative_l2(image, reference)
+        if engine == "ours":
+            ours = image
+            result["prep_ms"] = 1000.0 * float(np.median(result["prep_seconds"]))
+        elif ours is not None:
+            result["l2_ours_vs_this"] = relative_l2(ours, image)
+        row["engines"][engine] = result
+    return row
+
+
+def _ms(value: float) -> str:
+    return f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
+def _times(value: float) -> str:
+    return f"{value:.1f}×" if value < 10 else f"{value:.0f}×"
+
+
+def format_tables(rows: List[dict], peers: List[str], repeats: int) -> str:
+    """Markdown: speed and memory per case, then agreement of the images."""
+    labels = [ENGINE_LABELS.get(p, p) for p in peers]
+    speed = ["| case | ours ms | ours prep ms | " + " | ".join(f"{label} ms" for label in labels)
+             + " | " + " | ".join(f"{label}/ours" for label in labels)
+             + " | peak RSS MB: ours | " + " | ".join(labels) + " |"]
+    agreement = ["| case | ours vs exact | " + " | ".join(f"ours vs {label}" for label in labels)
+                 + " | " + " | ".join(f"{label} vs exact" for label in labels) + " |"]
+    for table in (speed, agreement):
+        table.append("|" + "---|" * table[0].count(" | ") + "---|")
+    for row in rows:
+        volume, view, size = parse_case(row["case"])
+        label = f"{VOLUMES[volume]} {view} {size}²"
+        engines = row["engines"]
+        ours = engines["ours"]
+        ours_ok = ours.get("status") == "ok"
+
+        def cell(engine: str, key: str, fmt) -> str:
+            result = engines[engine]
+            if result.get("status") != "ok":
+                return result.get("status", "")
+            text = fmt(result[key])
+            if key == "median_ms" and len(result["seconds"]) < repeats:
+                text += f" (n={len(result['seconds'])})"
+            return text
+
+        def ratio(engine: str) -> str:
+            result = engines[engine]
+            if result.get("status") != "ok" or not ours_ok:
+                return "–"
+            return _times(result["median_ms"] / ours["median_ms"])
+
+        percent = "{:.2%}".format
+        speed.append(f"| {label} | {cell('ours', 'median_ms', _ms)} | {cell('ours', 'prep_ms', _ms)} | "
+                     + " | ".join(cell(p, "median_ms", _ms) for p in peers) + " | "
+                     + " | ".join(ratio(p) for p in peers) + " | "
+                     + " | ".join(cell(e, "peak_rss_mb", "{:.0f}".format) for e in ["ours"] + peers) + " |")
+        agreement.append(f"| {label} | {cell('ours', 'l2_vs_reference', percent)} | "
+                         + " | ".join(cell(p, "l2_ours_vs_this", percent) if ours_ok else "–" for p in peers)
+                         + " | " + " | ".join(cell(p, "l2_vs_reference", percent) for p in peers) + " |")
+    return "\n".join(speed) + "\n\n" + "\n".join(agreement)
+
+
+def run_driver(args: argparse.Namespace) -> None:
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown:
+        raise SystemExit(f"unknown peer(s) {unknown}; choose from {sorted(PEERS)}")
+    unavailable = {p: reason for p in peers if (reason := missing(p))}
+    print(f"preparing volumes in {args.work_dir}", file=sys.stderr, flush=True)
+    prepare_volumes(args.data_dir, args.work_dir)
+    start = time.perf_counter()
+    rows = [run_case(args, case_name(volume, view, size), peers, unavailable)
+            for volume in VOLUMES for size in SIZES for view in VIEWS]
+    header = (f"CPU, torch {torch.__version__}, {args.threads} threads; median of up to {args.repeats} runs after "
+              f"1 warm-up; relative L2 = ||ours - X|| / ||X|| (and ||X - exact|| / ||exact||).")
+    text = header + "\n\n" + format_tables(rows, peers, args.repeats)
+    print(text)
+    summary = {"settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
+               "wall_seconds": time.perf_counter() - start, "table": text}
+    (args.work_dir / "results.json").write_text(json.dumps(summary, indent=1))
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    default_data = os.environ.get("CT2X_DATA_DIR") or str(REPO_ROOT.parent / "shared" / "data")
+    parser.add_argument("--data-dir", type=Path, default=Path(default_data),
+                        help="folder holding ct/chest_popi_phase00.nii.gz (default: $CT2X_DATA_DIR or ../shared/data)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs per engine and case (after 1 warm-up)")
+    parser.add_argument("--max-seconds", type=float, default=30.0,
+                        help="stop timing an engine on a case once its timed runs add up to this (at least 3 runs)")
+    parser.add_argument("--peers", default=",".join(DEFAULT_PEERS),
+                        help=f"comma-separated, from {', '.join(sorted(PEERS))}")
+    parser.add_argument("--threads", type=int, default=2, help="torch / OpenMP threads per engine")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds before a worker is given up")
+    parser.add_argument("--work-dir", type=Path, default=REPO_ROOT / "bench" / "_work",
+                        help="cache of volumes, references and results (git-ignored)")
+    parser.add_argument("--engine", help="worker mode: run one engine ('ours', 'reference' or a peer) on --case")
+    parser.add_argument("--case", help="worker mode: VOLUME-VIEW-SIZE, e.g. chest512-AP-256")
+    args = parser.parse_args(argv)
+    if args.engine:
+        run_worker(args)
+    else:
+        run_driver(args)
+
+
+if __name__ == "__main__":
+    main()
