@@ -21,7 +21,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 
@@ -37,31 +37,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser = subparsers.add_parser(
         "drr", help="render digitally reconstructed radiographs (X-ray images) of a CT",
         description="Render C-arm radiographs of a CT (NIfTI, NRRD, MHA/MHD file or DICOM folder), or of the "
-                    "built-in chest phantom when no CT is given. Angles in degrees, lengths in mm.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "built-in chest phantom when no CT is given. Angles in degrees, lengths in mm.")
     parser.add_argument("ct", nargs="?", metavar="CT",
                         help="CT file or DICOM folder (default: the built-in anatomical chest phantom)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created; must be new or empty)")
     parser.add_argument("--series", metavar="UID", help="SeriesInstanceUID when the DICOM folder holds several")
     parser.add_argument("--angles", default=DEFAULT_ANGLES, metavar="ANGLES",
                         help="primary C-arm angles, deg: START:STOP:STEP, a,b,c or one number (0 = AP, +90 = left "
-                             "lateral)")
+                             "lateral; default %(default)s)")
     parser.add_argument("--secondary", type=float, default=0.0, metavar="DEG",
-                        help="secondary (cranial +, caudal -) angle, deg")
-    parser.add_argument("--sdd", type=_positive(float), default=1020.0, metavar="MM", help="source-to-detector, mm")
-    parser.add_argument("--sid", type=_positive(float), default=530.0, metavar="MM", help="source-to-isocentre, mm")
-    parser.add_argument("--size", type=_positive(int), default=256, metavar="PX", help="detector size, px (square)")
+                        help="secondary (cranial +, caudal -) angle, deg (default %(default)s)")
+    parser.add_argument("--sdd", type=_positive(float), default=1020.0,
+                        metavar="MM", help="source-to-detector, mm (default %(default)s)")
+    parser.add_argument("--sid", type=_positive(float), default=530.0,
+                        metavar="MM", help="source-to-isocentre, mm (default %(default)s)")
+    parser.add_argument("--size", type=_positive(int), default=256,
+                        metavar="PX", help="detector size, px, square (default %(default)s)")
     parser.add_argument("--spacing", type=_positive(float), metavar="MM",
                         help="detector pixel spacing, mm (default: the mobile C-arm's 298 mm sensor / size)")
-    parser.add_argument("--beam", choices=("cone", "parallel"), default="cone", help="beam shape")
+    parser.add_argument("--beam", choices=("cone", "parallel"), default="cone", help="beam shape (default %(default)s)")
     energy = parser.add_mutually_exclusive_group()
-    energy.add_argument("--spectrum", metavar="NAME", help="tube spectrum: 60kV, 90kV or 120kV (default: 60kV)")
+    energy.add_argument("--spectrum", metavar="NAME", help="tube spectrum: 60kV, 90kV or 120kV (default 60kV)")
     energy.add_argument("--energy", type=_positive(float), metavar="KEV",
                         help="monochromatic energy, keV (fast path, no material maps)")
     parser.add_argument("--noise", type=_positive(float), metavar="PHOTONS",
                         help="add Poisson quantum noise with this many photons per pixel (default: noiseless)")
     parser.add_argument("--seed", type=int, metavar="N", help="noise seed: the same seed gives the same images")
-    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N (default %(default)s)")
     parser.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"),
                         help="attenuation shown as black and white (default: one auto window for the whole series)")
     parser.add_argument("--overwrite", action="store_true",
@@ -106,7 +108,12 @@ def run(args: argparse.Namespace) -> int:
         print("ct2x drr: no CT given; rendering the built-in anatomical chest phantom (ct2x.phantoms.chest(), "
               f"{volume.shape_ijk[0]}^3 voxels of {volume.spacing_mm[0]:g} mm)", file=sys.stderr)
     else:
-        volume = load_ct(args.ct, series_uid=args.series)
+        try:
+            volume = load_ct(args.ct, series_uid=args.series)
+        except CT2XInputError as error:
+            if "series_uid=" not in str(error):
+                raise
+            raise CT2XInputError(f"{error}\n(on the command line, series_uid=UID is --series UID)") from None
     load_seconds = time.perf_counter() - start
 
     partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
@@ -173,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(partial, ignore_errors=True)
         raise
 
-    print(f"ct2x drr: {len(angles)} views in {out} (see overview.png and series.json)\n"
+    print(f"ct2x drr: {len(angles)} view{'s' * (len(angles) != 1)} in {out} (see overview.png and series.json)\n"
           f"  CT preparation {renderer.preparation_seconds:.2f} s once, then {statistics.median(render_seconds):.3f} "
           f"s per view (median) on {device}")
     return 0
@@ -281,7 +288,7 @@ def _contact_sheet(displays: List[np.ndarray], angles: List[float]) -> np.ndarra
     height, width = displays[0].shape
     scale = min(1.0, (OVERVIEW_MAX_WIDTH_PX - OVERVIEW_GAP_PX * (columns - 1)) / (columns * width))
     tile_h, tile_w = max(1, int(height * scale)), max(1, int(width * scale))  # px
-    glyph_scale = max(1, tile_w // 96)  # label glyphs are 3x5 font pixels, each glyph_scale px wide
+    glyph_scale = max(1, tile_w // 64)  # label glyphs are 3x5 font pixels, each glyph_scale px wide
     label_h = 7 * glyph_scale
     sheet = np.zeros((rows * (tile_h + label_h) + (rows - 1) * OVERVIEW_GAP_PX,
                       columns * tile_w + (columns - 1) * OVERVIEW_GAP_PX), dtype=np.uint8)

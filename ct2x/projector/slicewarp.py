@@ -9,8 +9,9 @@ pays for the warps.
 Anti-aliasing (on by default) makes the work follow the detector rather than the CT:
 - in-plane, slices are box-filtered by the integer factor by which the detector pixel, projected to the volume
   centre, is wider than a voxel;
-- along the main axis, neighbouring slices are summed into slabs as long as a ray drifts sideways by at most one
-  (filtered) voxel across a slab, so near-axial rays take fewer, exact-sum steps.
+- along the main axis, neighbouring slices are summed into slabs as long as a ray drifts sideways by at most
+  `max_drift_voxels` (default 2) filtered voxels across a slab, so near-axial rays take fewer steps. On the real
+  chest CT this stays within 0.3 % relative L2 of the dense reference at 0/30/45/90 deg (bench/RESULTS.md).
 With `antialias=False` the method is plain Joseph: one bilinear sample per slice per ray.
 
 The continuous volume is the trilinear interpolant between voxel centres with zero outside, the same one that
@@ -58,7 +59,8 @@ class SliceWarpProjector:
     volume does not require gradients; with gradients they are rebuilt per call so that every call has its own graph.
     """
 
-    def __init__(self, volume: torch.Tensor, affine: np.ndarray, antialias: bool = True, max_slab: int = 8):
+    def __init__(self, volume: torch.Tensor, affine: np.ndarray, antialias: bool = True, max_slab: int = 8,
+                 max_drift_voxels: float = 2.0):
         if volume.ndim != 5:
             raise CT2XInputError(f"projector volume must be (B, C, K, J, I), got shape {tuple(volume.shape)}")
         if min(volume.shape[2:]) < 2:
@@ -70,6 +72,7 @@ class SliceWarpProjector:
         self.world_to_voxel = np.linalg.inv(self.affine)
         self.antialias = antialias
         self.max_slab = max(1, int(max_slab))
+        self.max_drift_voxels = float(max_drift_voxels)  # sideways ray travel allowed across one slab, filtered voxels
         self.spacing_mm = np.linalg.norm(self.affine[:3, :3], axis=0)  # (3,) mm per i, j, k
         self.shape_ijk = np.array(volume.shape[2:][::-1])  # (I, J, K)
         self.center_ras = self.affine[:3, :3] @ ((self.shape_ijk - 1) / 2.0) + self.affine[:3, 3]
@@ -107,7 +110,8 @@ class SliceWarpProjector:
             pool_rows = self._pool_factor(pitch_mm, row_axis)
             pool_cols = self._pool_factor(pitch_mm, col_axis)
             drift = max(np.abs(slope[..., row_axis]).max() / pool_rows, np.abs(slope[..., col_axis]).max() / pool_cols)
-            slab = int(min(self.max_slab, max(1, math.floor(1.0 / max(drift, 1e-6))), self.shape_ijk[main]))
+            slab = int(min(self.max_slab, max(1, math.floor(self.max_drift_voxels / max(drift, 1e-6))),
+                           self.shape_ijk[main]))
         return main, slab, pool_rows, pool_cols, origins_vox, slope, along
 
     def _detector_pitch_at_volume(self, view: View) -> float:
