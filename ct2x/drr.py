@@ -159,6 +159,19 @@ class DRRRenderer:
                           None if self._spectrum is None else self._spectrum.name)
 
 
+def body_extent_mm(volume: CTVolume) -> float:
+    """Largest edge (mm) of the RAS-axis box around the body (voxels above BODY_MIN_HU) - for fitting a detector."""
+    hu, affine = _crop_to_body(volume)
+    corners = np.stack(np.meshgrid(*[[-0.5, n - 0.5] for n in hu.shape[::-1]], indexing="ij"), -1).reshape(-1, 3)
+    corners_ras = corners @ affine[:3, :3].T + affine[:3, 3]
+    return float((corners_ras.max(0) - corners_ras.min(0)).max())
+
+
+def fitted_detector_spacing_mm(volume: CTVolume, carm: CArm, size_px: int, margin: float = 1.1) -> float:
+    """Detector pixel spacing (mm) at which `size_px` pixels show the whole body at the isocentre, with a margin."""
+    return body_extent_mm(volume) * carm.magnification * margin / size_px
+
+
 def _crop_to_body(volume: CTVolume) -> Tuple[np.ndarray, np.ndarray]:
     """HU array and affine cropped to the box of voxels above BODY_MIN_HU plus a margin (whole volume if none)."""
     inside = volume.hu > BODY_MIN_HU

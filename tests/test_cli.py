@@ -16,7 +16,6 @@ import torch
 from ct2x.cli.drr import OVERVIEW_MAX_WIDTH_PX, _contact_sheet
 from ct2x.cli.main import main
 from ct2x.drr import DRRRenderer
-from ct2x.geometry import MOBILE_CARM_SENSOR_MM
 from ct2x.io import save_ct
 from ct2x.phantoms import chest
 
@@ -87,7 +86,8 @@ def test_default_phantom_and_monochromatic_path(tmp_path, capsys):
     series = json.loads((out / "series.json").read_text())
     assert series["input"]["path"] is None and series["physics"]["energy_kev"] == 60.0
     assert series["files"]["materials_mha"] is None and series["views"][0]["geometry"]["beam"] == "parallel"
-    assert series["views"][0]["geometry"]["pixel_spacing_mm"] == [pytest.approx(MOBILE_CARM_SENSOR_MM / 32)] * 2
+    spacing = series["views"][0]["geometry"]["pixel_spacing_mm"]  # default: the phantom's 320 mm body fits
+    assert spacing[0] == spacing[1] and 320 * 1.05 < 32 * spacing[0] < 320 * 1.2
 
 
 @pytest.mark.parametrize("args, problem", [

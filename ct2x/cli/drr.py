@@ -54,7 +54,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--size", type=_positive(int), default=256,
                         metavar="PX", help="detector size, px, square (default %(default)s)")
     parser.add_argument("--spacing", type=_positive(float), metavar="MM",
-                        help="detector pixel spacing, mm (default: the mobile C-arm's 298 mm sensor / size)")
+                        help="detector pixel spacing, mm (default: fit the body in view; "
+                             "298/size gives the mobile C-arm's 298 mm sensor)")
     parser.add_argument("--beam", choices=("cone", "parallel"), default="cone", help="beam shape (default %(default)s)")
     energy = parser.add_mutually_exclusive_group()
     energy.add_argument("--spectrum", metavar="NAME", help="tube spectrum: 60kV, 90kV or 120kV (default 60kV)")
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from ct2x.drr import DRRRenderer, Physics, auto_window, to_display
+    from ct2x.drr import DRRRenderer, Physics, auto_window, fitted_detector_spacing_mm, to_display
     from ct2x.errors import CT2XInputError
     from ct2x.geometry import CArm, parse_angles
     from ct2x.io import load_ct, save_image
@@ -115,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
                 raise
             raise CT2XInputError(f"{error}\n(on the command line, series_uid=UID is --series UID)") from None
     load_seconds = time.perf_counter() - start
+    if args.spacing is None:
+        carm = carm.with_detector(args.size, fitted_detector_spacing_mm(volume, carm, args.size))
 
     partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)  # left by an earlier run killed with this same process id
