@@ -50,6 +50,24 @@ class _Stack:
     pool_cols: int  # ... along the column axis
 
 
+@dataclass(frozen=True)
+class _RayPlan:
+    """How one view is projected: main axis, filter factors and every ray in voxel index space."""
+
+    main: int  # main axis, 0 = i, 1 = j, 2 = k
+    slab: int
+    pool_rows: int
+    pool_cols: int
+    origins_vox: np.ndarray  # (H, W, 3) ray origins, voxel index (i, j, k)
+    directions_mm: np.ndarray  # (H, W, 3) unit ray directions, RAS
+    along: np.ndarray  # (H, W) main index per mm along each ray
+    slope: np.ndarray  # (H, W, 3) index change per unit of main index along each ray
+
+    @property
+    def stack_key(self) -> Tuple[int, int, int, int]:
+        return self.main, self.slab, self.pool_rows, self.pool_cols
+
+
 class SliceWarpProjector:
     """Projects a batch of volumes (B, C, K, J, I) with a voxel->RAS affine at any number of views.
 
@@ -88,10 +106,10 @@ class SliceWarpProjector:
     def prepare(self, views: Sequence[View], mode: str = "sum") -> None:
         """Build (and cache) the re-sliced volumes these views need, so that later calls pay only for warps."""
         for view in views:
-            self._stack(*self._plan(view)[:4], mode)
+            self._stack(*self._plan(view).stack_key, mode)
 
     # --- per view -------------------------------------------------------------------------------------------
-    def _plan(self, view: View):
+    def _plan(self, view: View) -> _RayPlan:
         """Main axis, filter factors and the per-pixel ray description in voxel space for one view."""
         origins, directions = view.rays()  # (H, W, 3) RAS mm, unit directions
         origins_vox = origins @ self.world_to_voxel[:3, :3].T + self.world_to_voxel[:3, 3]  # (H, W, 3) ijk
@@ -112,7 +130,7 @@ class SliceWarpProjector:
             drift = max(np.abs(slope[..., row_axis]).max() / pool_rows, np.abs(slope[..., col_axis]).max() / pool_cols)
             slab = int(min(self.max_slab, max(1, math.floor(self.max_drift_voxels / max(drift, 1e-6))),
                            self.shape_ijk[main]))
-        return main, slab, pool_rows, pool_cols, origins_vox, slope, along
+        return _RayPlan(main, slab, pool_rows, pool_cols, origins_vox, directions, along, slope)
 
     def _detector_pitch_at_volume(self, view: View) -> float:
         """Detector pixel size (mm) projected back to the volume centre."""
@@ -127,7 +145,9 @@ class SliceWarpProjector:
         return max(1, min(factor, int(self.shape_ijk[axis]) // 2))
 
     def _project_view(self, view: View, mode: str) -> torch.Tensor:
-        main, slab, pool_rows, pool_cols, origins_vox, slope, along = self._plan(view)
+        plan = self._plan(view)
+        main, slab, pool_rows, pool_cols = plan.stack_key
+        origins_vox, slope, along = plan.origins_vox, plan.slope, plan.along
         stack = self._stack(main, slab, pool_rows, pool_cols, mode)
         row_axis, col_axis = _SLICE_LAYOUT[main][1]
         n_slabs, _, n_rows, n_cols = stack.slices.shape
@@ -148,7 +168,7 @@ class SliceWarpProjector:
         step = torch.from_numpy(np.stack(steps, -1)).to(device=device, dtype=dtype)  # (H, W, 2)
 
         first, last = self._slabs_in_front_of_source(view, main, slab, n_slabs, o_main, along)
-        past_detector = self._slabs_past_detector(view, slab, o_main, along)
+        past_detector = self._slabs_past_detector(view, slab, o_main, along, plan.directions_mm)
         if past_detector is not None:
             threshold = torch.from_numpy(past_detector[0]).to(device=device, dtype=dtype)[..., None]  # (H, W, 1)
         height, width = start.shape[:2]
@@ -186,8 +206,8 @@ class SliceWarpProjector:
             return 0, 0
         return int(ahead[0]), int(ahead[-1]) + 1
 
-    def _slabs_past_detector(self, view: View, slab: int, o_main: np.ndarray,
-                             along: np.ndarray) -> Optional[Tuple[np.ndarray, bool]]:
+    def _slabs_past_detector(self, view: View, slab: int, o_main: np.ndarray, along: np.ndarray,
+                             direction_mm: np.ndarray) -> Optional[Tuple[np.ndarray, bool]]:
         """Per pixel, the slab index from which on (in the ray's direction) slab centres lie past the detector,
         and whether the ray runs towards increasing index; None when the whole volume is in front of the detector.
         """
@@ -195,8 +215,8 @@ class SliceWarpProjector:
         corners_ras = corners @ self.affine[:3, :3].T + self.affine[:3, 3]
         if np.max((corners_ras - view.detector_center_ras) @ view.principal_direction) <= 0:
             return None
-        origins, _ = view.rays()
-        ray_length_mm = np.linalg.norm(view.pixel_centers_ras() - origins, axis=-1)  # (H, W) origin -> pixel
+        # Every ray starts source_to_detector_mm before the detector plane (a parallel ray) or at the source.
+        ray_length_mm = view.source_to_detector_mm / (direction_mm @ view.principal_direction)  # (H, W) to pixel
         t_detector = o_main + ray_length_mm * along  # (H, W) main index where each ray meets its pixel
         last_inside = (t_detector - (slab - 1) / 2.0) / slab  # slab coordinate of the detector
         increasing = bool(along.flat[0] > 0)
