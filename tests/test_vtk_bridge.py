@@ -22,9 +22,11 @@ from ct2x.vtk_bridge import (  # noqa: E402
 )
 
 
-def _vtk_index_to_ras(image_data, ijk_to_ras: np.ndarray, index) -> np.ndarray:
-    """Independent reference: VTK's own index -> physical point, then the IJK-to-RAS matrix."""
-    physical = image_data.TransformIndexToPhysicalPoint(*[int(n) for n in index])
+def _vtk_point_ras(image_data, ijk_to_ras: np.ndarray, index) -> np.ndarray:
+    """Independent reference: VTK's own position of the point at array index (i, j, k), then IJK-to-RAS."""
+    i, j, k = index
+    n_i, n_j, _ = image_data.GetDimensions()
+    physical = image_data.GetPoint(i + n_i * (j + n_j * k))  # point id of array element [k, j, i]
     return (ijk_to_ras @ np.append(physical, 1.0))[:3]
 
 
@@ -70,8 +72,7 @@ def test_image_data_origin_spacing_direction_and_extent_are_folded_into_the_affi
     volume = volume_from_vtk(image_data, ijk_to_ras)
 
     for index in [(0, 0, 0), (i - 1, 0, 0), (0, j - 1, k - 1), (5, 7, 9)]:
-        structured = np.add(index, (3, -2, 1))
-        expected = _vtk_index_to_ras(image_data, ijk_to_ras, structured)
+        expected = _vtk_point_ras(image_data, ijk_to_ras, index)
         np.testing.assert_allclose(volume.affine @ np.append(index, 1.0), np.append(expected, 1.0), atol=1e-9)
     np.testing.assert_allclose(volume.spacing_mm, (0.5, 2.0, 3.0))
     np.testing.assert_array_equal(volume.hu, ct_phantom.hu)
@@ -124,10 +125,10 @@ def test_ap_and_lateral_films_face_the_expected_directions():
     # AP (radiological display): image right = patient's left (-x), image down = inferior (-z), detector posterior.
     np.testing.assert_allclose(ap[:3, 0] / 1.5, (-1.0, 0.0, 0.0), atol=1e-12)
     np.testing.assert_allclose(ap[:3, 1] / 2.5, (0.0, 0.0, -1.0), atol=1e-12)
-    assert ap[1, 3] < -20.0  # the film lies behind the isocentre (posterior, -y)
+    assert ap[1, 3] == pytest.approx(-20.0 - 490.0)  # detector plane 490 mm behind the isocentre (posterior, -y)
     # Left lateral: detector at the patient's left (-x), image down still inferior.
     np.testing.assert_allclose(lateral[:3, 1] / 2.5, (0.0, 0.0, -1.0), atol=1e-12)
-    assert lateral[0, 3] < 10.0 - 400.0  # 490 mm beyond the isocentre along -x, minus half the film
+    assert lateral[0, 3] == pytest.approx(10.0 - 490.0)  # detector plane 490 mm to the patient's left (-x)
 
 
 def test_display_values_and_bad_value_name():
