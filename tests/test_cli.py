@@ -58,7 +58,7 @@ def test_series_files_geometry_and_sidecar(ct_file, tmp_path, capsys):
     materials = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{stems[1]}_materials.mha")))  # (3, H, W) g/cm^2
     assert materials.shape == (3, 32, 32) and materials[2].max() > 0 and materials.min() >= 0
 
-    series = json.loads((out / "series.json").read_text())
+    series = json.loads((out / "series.json").read_text(encoding="utf-8"))
     assert series["input"]["path"] == str(ct_file.resolve()) and series["input"]["shape_ijk"] == [32, 32, 32]
     assert series["physics"]["spectrum"] == "60kV" and "air, soft_tissue, bone" in series["files"]["materials_mha"]
     low, high = series["window"]["attenuation_low_high"]
@@ -83,7 +83,7 @@ def test_default_phantom_and_monochromatic_path(tmp_path, capsys):
     assert "phantom" in capsys.readouterr().err
     assert {p.name for p in out.iterdir()} == view_files("view_000_+000.0deg", materials=False) | {
         "overview.png", "series.json"}
-    series = json.loads((out / "series.json").read_text())
+    series = json.loads((out / "series.json").read_text(encoding="utf-8"))
     assert series["input"]["path"] is None and series["physics"]["energy_kev"] == 60.0
     assert series["files"]["materials_mha"] is None and series["views"][0]["geometry"]["beam"] == "parallel"
     spacing = series["views"][0]["geometry"]["pixel_spacing_mm"]  # default: the phantom's 320 mm body fits

@@ -130,7 +130,7 @@ def test_spectrum_aliases_and_unknown_name():
 
 
 def test_tables_metadata_describes_tables():
-    metadata = json.loads(TABLES_PATH.with_suffix(".json").read_text())
+    metadata = json.loads(TABLES_PATH.with_suffix(".json").read_text(encoding="utf-8"))
     assert TABLES_PATH.stat().st_size < 20_000
     assert metadata["command"] == "python scripts/make_physics_tables.py"
     assert set(metadata["libraries"]) >= {"spekpy", "xraylib"}
