@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -31,7 +32,16 @@ from ct2x.projector import SliceWarpProjector, reference_projection
 from ct2x.volume import CTVolume
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from peers import DEFAULT_PEERS, PEERS, Renderer, hu_to_mu, max_rss_mb, missing  # noqa: E402
+from peers import (  # noqa: E402
+    DEFAULT_PEERS,
+    PEERS,
+    Renderer,
+    cpu_snapshot,
+    foreign_cpu_percent,
+    hu_to_mu,
+    missing,
+    peak_rss_mb,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHEST_CT = "ct/chest_popi_phase00.nii.gz"
@@ -91,9 +101,8 @@ def prepare_volumes(data_dir: Path, work_root: Path) -> None:
     full = load_ct(path)
     for name, volume in (("chest512", full), ("chest128", resample_to_cube(full, RESAMPLED_SIZE))):
         folder = work_root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for stale in folder.iterdir():  # references, results and plastimatch input of an older volume
-            stale.unlink()
+        shutil.rmtree(folder, ignore_errors=True)  # references, results and plastimatch input of an older volume
+        folder.mkdir(parents=True)
         np.save(folder / "mu.npy", hu_to_mu(volume.hu))
         np.save(folder / "affine.npy", volume.affine)
         (folder / "volume.json").write_text(json.dumps(stamp))
@@ -135,7 +144,7 @@ def run_worker(args: argparse.Namespace) -> None:
     out = folder / "results" / args.case
     out.mkdir(parents=True, exist_ok=True)
     result = {"engine": args.engine, "case": args.case, "threads": args.threads,
-              "rss_before_engine_mb": max_rss_mb()}
+              "rss_before_engine_mb": peak_rss_mb()}
     if args.engine == "reference":
         start = time.perf_counter()
         image = reference_projection(torch.from_numpy(mu)[None], affine, view, REFERENCE_STEP_MM)[0].numpy()
@@ -148,8 +157,12 @@ def run_worker(args: argparse.Namespace) -> None:
         result["setup_seconds"] = time.perf_counter() - start
         if isinstance(renderer, OursRenderer):
             result["prep_seconds"] = renderer.prep_seconds
+        before = cpu_snapshot()
         result["seconds"], image = renderer.timed_renders(1, args.repeats, args.max_seconds)
-        result["peak_rss_mb"] = max_rss_mb(children=renderer.measures_children)
+        after = cpu_snapshot()
+        if before and after:
+            result["foreign_cpu_percent"] = foreign_cpu_percent(before, after)
+        result["peak_rss_mb"] = renderer.peak_rss_mb()
         np.save(out / f"{args.engine}.npy", image)
     (out / f"{args.engine}.json").write_text(json.dumps(result))
 
@@ -220,6 +233,33 @@ def _times(value: float) -> str:
     return f"{value:.1f}×" if value < 10 else f"{value:.0f}×"
 
 
+def _percent(value: float) -> str:
+    return f"{value:.2%}"
+
+
+def _megabytes(value: float) -> str:
+    return f"{value:.0f}"
+
+
+def _cell(result: dict, key: str, fmt, repeats: int = 0) -> str:
+    """An engine's value (with the run count when below `repeats`), "not installed", "failed" (why: under the
+    tables) or "–"."""
+    if result.get("status") != "ok":
+        return result.get("status", "–").split(":")[0]
+    if key not in result:
+        return "–"
+    text = fmt(result[key])
+    if key == "median_ms" and len(result["seconds"]) < repeats:
+        text += f" (n={len(result['seconds'])})"
+    return text
+
+
+def _ratio(result: dict, ours: dict) -> str:
+    if result.get("status") != "ok" or ours.get("status") != "ok":
+        return "–"
+    return _times(result["median_ms"] / ours["median_ms"])
+
+
 def format_tables(rows: List[dict], peers: List[str], repeats: int) -> str:
     """Markdown: speed and memory per case, then agreement of the images."""
     labels = [ENGINE_LABELS.get(p, p) for p in peers]
@@ -229,38 +269,37 @@ def format_tables(rows: List[dict], peers: List[str], repeats: int) -> str:
     agreement = ["| case | ours vs exact | " + " | ".join(f"ours vs {label}" for label in labels)
                  + " | " + " | ".join(f"{label} vs exact" for label in labels) + " |"]
     for table in (speed, agreement):
-        table.append("|" + "---|" * table[0].count(" | ") + "---|")
+        table.append("|" + "---|" * (table[0].count(" | ") + 1))
     for row in rows:
         volume, view, size = parse_case(row["case"])
         label = f"{VOLUMES[volume]} {view} {size}²"
         engines = row["engines"]
         ours = engines["ours"]
-        ours_ok = ours.get("status") == "ok"
-
-        def cell(engine: str, key: str, fmt) -> str:
-            result = engines[engine]
-            if result.get("status") != "ok":
-                return result.get("status", "")
-            text = fmt(result[key])
-            if key == "median_ms" and len(result["seconds"]) < repeats:
-                text += f" (n={len(result['seconds'])})"
-            return text
-
-        def ratio(engine: str) -> str:
-            result = engines[engine]
-            if result.get("status") != "ok" or not ours_ok:
-                return "–"
-            return _times(result["median_ms"] / ours["median_ms"])
-
-        percent = "{:.2%}".format
-        speed.append(f"| {label} | {cell('ours', 'median_ms', _ms)} | {cell('ours', 'prep_ms', _ms)} | "
-                     + " | ".join(cell(p, "median_ms", _ms) for p in peers) + " | "
-                     + " | ".join(ratio(p) for p in peers) + " | "
-                     + " | ".join(cell(e, "peak_rss_mb", "{:.0f}".format) for e in ["ours"] + peers) + " |")
-        agreement.append(f"| {label} | {cell('ours', 'l2_vs_reference', percent)} | "
-                         + " | ".join(cell(p, "l2_ours_vs_this", percent) if ours_ok else "–" for p in peers)
-                         + " | " + " | ".join(cell(p, "l2_vs_reference", percent) for p in peers) + " |")
+        speed.append(" | ".join([f"| {label}", _cell(ours, "median_ms", _ms, repeats), _cell(ours, "prep_ms", _ms)]
+                                + [_cell(engines[p], "median_ms", _ms, repeats) for p in peers]
+                                + [_ratio(engines[p], ours) for p in peers]
+                                + [_cell(engines[e], "peak_rss_mb", _megabytes) for e in ["ours"] + peers]) + " |")
+        agreement.append(" | ".join([f"| {label}", _cell(ours, "l2_vs_reference", _percent)]
+                                    + [_cell(engines[p], "l2_ours_vs_this", _percent) for p in peers]
+                                    + [_cell(engines[p], "l2_vs_reference", _percent) for p in peers]) + " |")
     return "\n".join(speed) + "\n\n" + "\n".join(agreement)
+
+
+def failure_notes(rows: List[dict]) -> str:
+    """One line per engine failure, the first line of its error (the full traceback went to stderr)."""
+    failures = {f"{engine}: {result['status']}" for row in rows for engine, result in row["engines"].items()
+                if result.get("status", "").startswith("failed")}
+    return "".join(f"\n\n{failure}" for failure in sorted(failures))
+
+
+def busy_warning(rows: List[dict], limit_percent: float = 10.0) -> str:
+    """A note naming the timings taken while something else used more than `limit_percent` of the machine's CPU."""
+    busy = [f"{row['case']} {engine} ({result['foreign_cpu_percent']:.0f} %)" for row in rows
+            for engine, result in row["engines"].items() if result.get("foreign_cpu_percent", 0.0) > limit_percent]
+    if not busy:
+        return ""
+    return ("\n\nWarning: other processes or the hypervisor used the CPU while timing " + ", ".join(busy)
+            + "; those times are unreliable, run again on a quiet machine.")
 
 
 def run_driver(args: argparse.Namespace) -> None:
@@ -276,7 +315,7 @@ def run_driver(args: argparse.Namespace) -> None:
             for volume in VOLUMES for size in SIZES for view in VIEWS]
     header = (f"CPU, torch {torch.__version__}, {args.threads} threads; median of up to {args.repeats} runs after "
               f"1 warm-up; relative L2 = ||ours - X|| / ||X|| (and ||X - exact|| / ||exact||).")
-    text = header + "\n\n" + format_tables(rows, peers, args.repeats)
+    text = header + "\n\n" + format_tables(rows, peers, args.repeats) + failure_notes(rows) + busy_warning(rows)
     print(text)
     summary = {"settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
                "wall_seconds": time.perf_counter() - start, "table": text}

@@ -16,7 +16,8 @@ PA-like view gets its columns flipped). The mapping from each peer's conventions
 - plastimatch `drr` (Debian package): LPS world; a volume with identity direction (checked); `-n` the unit vector
   isocentre -> source, `--vup` the vector towards the top row, `-o` the isocentre, all in LPS mm; `-P none` so it
   integrates our mu instead of its own 0.022 (1 + HU/1000) with HU <= -800 -> 0; its output is divided by 10
-  ("mm -> cm"), so we multiply by 10. Its image then lines up with ours. `-n` is used instead of `-y` (gantry angle) because plastimatch 1.9.4 takes the gantry angle in radians.
+  ("mm -> cm"), so we multiply by 10. Its image then lines up with ours. `-n` is used instead of `-y` (gantry
+  angle) because plastimatch 1.9.4 takes the gantry angle in radians.
 """
 
 from __future__ import annotations
@@ -46,17 +47,45 @@ def hu_to_mu(hu: np.ndarray) -> np.ndarray:
     return (MU_WATER_PER_MM * np.maximum(0.0, 1.0 + np.asarray(hu, dtype=np.float32) / 1000.0)).astype(np.float32)
 
 
-def max_rss_mb(children: bool = False) -> float:
-    """High-water mark of resident memory (MB) of this process, or of its largest finished child process."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF)
-    return usage.ru_maxrss / 1024.0  # Linux reports KiB
+def peak_rss_mb(pid: Optional[int] = None) -> Optional[float]:
+    """High-water mark of resident memory (MB) of a live process (this one by default); None once it has exited.
+
+    Linux's VmHWM, not getrusage's ru_maxrss: the latter carries the parent's peak over fork + exec, so a worker
+    started by a driver holding a CT would report the driver's memory.
+    """
+    status = Path(f"/proc/{pid or 'self'}/status")
+    if not status.exists():  # not Linux: ru_maxrss (KiB on Linux, bytes on macOS) is the best there is
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 if pid is None else None
+    found = re.search(r"VmHWM:\s*(\d+) kB", status.read_text())
+    return int(found.group(1)) / 1024.0 if found else None
+
+
+def cpu_snapshot() -> Optional[Tuple[float, float, float]]:
+    """(busy, total) CPU seconds of the whole machine since boot (Linux /proc/stat; steal counts as busy) and the
+    CPU seconds used by this process and its finished children; None where /proc/stat is missing."""
+    stat = Path("/proc/stat")
+    if not stat.exists():
+        return None
+    # user, nice, system, idle, iowait, irq, softirq, steal
+    ticks = [int(n) for n in stat.read_text().split("\n", 1)[0].split()[1:9]]
+    per_second = float(os.sysconf("SC_CLK_TCK"))
+    own = os.times()
+    total = sum(ticks) / per_second
+    own_seconds = own.user + own.system + own.children_user + own.children_system
+    return total - (ticks[3] + ticks[4]) / per_second, total, own_seconds
+
+
+def foreign_cpu_percent(before: Tuple[float, float, float], after: Tuple[float, float, float]) -> float:
+    """Share of the machine's CPU (%) between two snapshots used by anything but us: other processes, or the
+    hypervisor (steal). Timings taken while it is high are unreliable."""
+    busy, total, own = (a - b for a, b in zip(after, before))
+    return 100.0 * max(0.0, busy - own) / total if total > 0 else 0.0
 
 
 class Renderer:
     """One engine set up for one volume and one view. Construction is the engine's per-CT / per-view setup."""
 
     name = ""
-    measures_children = False  # True when the work (and so the peak memory) happens in a child process
 
     def __init__(self, mu: np.ndarray, affine: np.ndarray, view: View, work_dir: Path):
         self.view = view
@@ -69,6 +98,16 @@ class Renderer:
         """An image in camera layout (columns along camera x) -> our display layout, mirrored for PA-like views."""
         return np.ascontiguousarray(image[:, ::-1] if self.view.mirrored else image)
 
+    def peak_rss_mb(self) -> float:
+        """Peak resident memory (MB) of the process that did the work: this one."""
+        return peak_rss_mb()
+
+    def timed_render(self) -> Tuple[float, np.ndarray]:
+        """One render -> (seconds it took, image)."""
+        start = time.perf_counter()
+        image = self.render()
+        return time.perf_counter() - start, image
+
     def timed_renders(self, warmup: int, repeats: int, max_seconds: float) -> Tuple[List[float], np.ndarray]:
         """Seconds per render for up to `repeats` renders after `warmup` untimed ones, and the last image.
 
@@ -79,9 +118,8 @@ class Renderer:
             image = self.render()
         seconds: List[float] = []
         while len(seconds) < repeats and (len(seconds) < 3 or sum(seconds) < max_seconds):
-            start = time.perf_counter()
-            image = self.render()
-            seconds.append(time.perf_counter() - start)
+            elapsed, image = self.timed_render()
+            seconds.append(elapsed)
         return seconds, image
 
 
@@ -149,11 +187,12 @@ class PlastimatchRenderer(Renderer):
     """plastimatch's `drr` command (exact Siddon ray tracing, OpenMP); one process per image.
 
     Its time per image is plastimatch's own "Total time" minus its "I/O time" (writing the image), so process
-    start-up and reading the volume are excluded. Peak memory is that of the largest plastimatch process.
+    start-up and reading the volume are excluded. Peak memory is the largest VmHWM of the plastimatch processes,
+    polled while they run.
     """
 
     name = "plastimatch"
-    measures_children = True
+    poll_seconds = 0.02
 
     def __init__(self, mu: np.ndarray, affine: np.ndarray, view: View, work_dir: Path):
         super().__init__(mu, affine, view, work_dir)
@@ -182,10 +221,18 @@ class PlastimatchRenderer(Renderer):
                         "-o", text(isocenter_lps), "-n", text(to_source / np.linalg.norm(to_source)),
                         "--vup", text(up_lps), "-O", str(self.output_prefix), str(self.input_mha)]
         self.env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+        self.peak_mb = 0.0
 
-    def _run(self) -> Tuple[float, np.ndarray]:
-        """One plastimatch process -> (seconds spent rendering, image)."""
-        log = subprocess.run(self.command, env=self.env, check=True, capture_output=True, text=True).stdout
+    def timed_render(self) -> Tuple[float, np.ndarray]:
+        """One plastimatch process -> (seconds it spent rendering, by its own clock, image)."""
+        process = subprocess.Popen(self.command, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)
+        while process.poll() is None:
+            self.peak_mb = max(self.peak_mb, peak_rss_mb(process.pid) or 0.0)
+            time.sleep(self.poll_seconds)
+        log, errors = process.communicate()
+        if process.returncode != 0:
+            raise RuntimeError(f"{' '.join(self.command)} failed ({process.returncode}): {errors.strip()[-500:]}")
         total = float(re.search(r"Total time:\s*([0-9.eE+-]+)", log).group(1))
         writing = float(re.search(r"I/O time:\s*([0-9.eE+-]+)", log).group(1))
         output = Path(f"{self.output_prefix}0000.pfm")
@@ -195,17 +242,10 @@ class PlastimatchRenderer(Renderer):
         return total - writing, self.displayed(image)
 
     def render(self) -> np.ndarray:
-        return self._run()[1]
+        return self.timed_render()[1]
 
-    def timed_renders(self, warmup: int, repeats: int, max_seconds: float) -> Tuple[List[float], np.ndarray]:
-        image = None
-        for _ in range(warmup):
-            image = self._run()[1]
-        seconds: List[float] = []
-        while len(seconds) < repeats and (len(seconds) < 3 or sum(seconds) < max_seconds):
-            elapsed, image = self._run()
-            seconds.append(elapsed)
-        return seconds, image
+    def peak_rss_mb(self) -> float:
+        return self.peak_mb
 
 
 def _write_mha(mu: np.ndarray, affine: np.ndarray, path: Path) -> None:
