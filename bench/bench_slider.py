@@ -1,0 +1,67 @@
+"""Slider benchmark: the core part of one CT2XSynth slider update (render + conversion to the output image).
+
+Times what the module's Logic does per view for the real chest CT (512 x 512 x 141): `DRRRenderer.render` at the
+module's defaults (SDD 1020 mm, source-to-isocentre 530 mm, 256^2 detector fitted to the body, 60 kV) followed by
+`ct2x.vtk_bridge.radiograph_to_vtk`, the array + geometry handed to the volume node. The first render, which
+includes the per-CT preparation, is reported separately; then a sweep of primary angles, median of repeats.
+
+    python bench/bench_slider.py [--data-dir ../shared/data] [--repeats 5] [--step 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from ct2x.drr import DRRRenderer, Physics, fitted_detector_spacing_mm
+from ct2x.geometry import CArm
+from ct2x.io import load_ct
+from ct2x.vtk_bridge import radiograph_to_vtk
+
+
+def update_ms(renderer: DRRRenderer, angle: float, repeats: int) -> float:
+    """Median time (ms) of render + conversion at one primary angle, after one warm-up."""
+    radiograph_to_vtk(renderer.render(angle))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        radiograph_to_vtk(renderer.render(angle))
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("CT2X_DATA_DIR", "../shared/data")))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--step", type=float, default=15.0, help="primary-angle step of the sweep, deg")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    volume = load_ct(args.data_dir / "ct" / "chest_popi_phase00.nii.gz")
+    carm = CArm()
+    carm = carm.with_detector(256, fitted_detector_spacing_mm(volume, carm, 256))
+    angles = [-90.0 + i * args.step for i in range(int(180 / args.step) + 1)]
+    print(f"chest CT {volume.hu.shape[::-1]} voxels, 256^2 detector at {carm.detector.pixel_spacing_mm[0]:.2f} mm, "
+          f"CPU {args.threads} threads, median of {args.repeats} after a warm-up\n")
+    print("| physics | first render incl. preparation ms | " + " | ".join(f"{a:+.0f} deg" for a in angles) +
+          " | median over angles |")
+    print("|---" * (len(angles) + 3) + "|")
+    for label, physics in (("60 kV polychromatic", Physics()), ("50 keV monochromatic", Physics(energy_kev=50.0))):
+        start = time.perf_counter()
+        renderer = DRRRenderer(volume, carm, physics)
+        radiograph_to_vtk(renderer.render(0.0))
+        first_ms = (time.perf_counter() - start) * 1e3
+        per_angle = [update_ms(renderer, angle, args.repeats) for angle in angles]
+        print(f"| {label} | {first_ms:.0f} | " + " | ".join(f"{t:.0f}" for t in per_angle) +
+              f" | {statistics.median(per_angle):.0f} |")
+
+
+if __name__ == "__main__":
+    main()
