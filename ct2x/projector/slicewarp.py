@@ -41,16 +41,6 @@ _SAMPLES_PER_CHUNK = 1 << 20  # grid points per grid_sample call: keeps the grid
 
 
 @dataclass(frozen=True)
-class _Stack:
-    """The volume re-sliced across one main axis: (slabs, B*C, rows, cols), with the filter factors used."""
-
-    slices: torch.Tensor
-    slab: int  # original slices summed (or maxed) per slab
-    pool_rows: int  # in-plane box-filter factor along the row axis
-    pool_cols: int  # ... along the column axis
-
-
-@dataclass(frozen=True)
 class _RayPlan:
     """How one view is projected: main axis, filter factors and every ray in voxel index space."""
 
@@ -94,7 +84,7 @@ class SliceWarpProjector:
         self.spacing_mm = np.linalg.norm(self.affine[:3, :3], axis=0)  # (3,) mm per i, j, k
         self.shape_ijk = np.array(volume.shape[2:][::-1])  # (I, J, K)
         self.center_ras = self.affine[:3, :3] @ ((self.shape_ijk - 1) / 2.0) + self.affine[:3, 3]
-        self._stacks: Dict[Tuple[int, int, int, int, str], _Stack] = {}
+        self._stacks: Dict[Tuple[int, int, int, int, str], torch.Tensor] = {}  # (slabs, B*C, rows, cols)
 
     # --- public ---------------------------------------------------------------------------------------------
     def project(self, views: Sequence[View], mode: str = "sum") -> torch.Tensor:
@@ -150,7 +140,7 @@ class SliceWarpProjector:
         origins_vox, slope, along = plan.origins_vox, plan.slope, plan.along
         stack = self._stack(main, slab, pool_rows, pool_cols, mode)
         row_axis, col_axis = _SLICE_LAYOUT[main][1]
-        n_slabs, _, n_rows, n_cols = stack.slices.shape
+        n_slabs, _, n_rows, n_cols = stack.shape
 
         # Slab n is centred on original main index t_n = slab*n + (slab-1)/2. Along a ray an index axis a is at
         # a(t) = o_a + (t - o_m) * slope_a; box filtering by p maps index a to (a - (p-1)/2) / p; grid_sample's
@@ -163,7 +153,7 @@ class SliceWarpProjector:
             at_first_slab = origins_vox[..., axis] + ((slab - 1) / 2.0 - o_main) * slope[..., axis]
             starts.append(scale * (at_first_slab - (pool - 1) / 2.0) - 1.0)
             steps.append(scale * slab * slope[..., axis])
-        device, dtype = stack.slices.device, stack.slices.dtype
+        device, dtype = stack.device, stack.dtype
         start = torch.from_numpy(np.stack(starts, -1)).to(device=device, dtype=dtype)  # (H, W, 2) grid x, y
         step = torch.from_numpy(np.stack(steps, -1)).to(device=device, dtype=dtype)  # (H, W, 2)
 
@@ -181,7 +171,7 @@ class SliceWarpProjector:
             if past_detector is not None:  # samples past a ray's pixel read zero (outside [-1, 1])
                 past = index >= threshold if past_detector[1] else index <= threshold
                 grid = grid.masked_fill(past.expand_as(grid), 2.0)
-            samples = F.grid_sample(stack.slices[begin:end], grid, mode="bilinear", padding_mode="zeros",
+            samples = F.grid_sample(stack[begin:end], grid, mode="bilinear", padding_mode="zeros",
                                     align_corners=True)  # (n, B*C, H, W)
             part = samples.sum(0) if mode == "sum" else samples.amax(0)
             result = part if result is None else (result + part if mode == "sum" else torch.maximum(result, part))
@@ -223,11 +213,12 @@ class SliceWarpProjector:
         return (np.floor(last_inside) + 1 if increasing else np.ceil(last_inside) - 1), increasing
 
     # --- re-slicing -----------------------------------------------------------------------------------------
-    def _stack(self, main: int, slab: int, pool_rows: int, pool_cols: int, mode: str) -> _Stack:
+    def _stack(self, main: int, slab: int, pool_rows: int, pool_cols: int, mode: str) -> torch.Tensor:
+        """The volume re-sliced across `main` with these filter factors: (slabs, B*C, rows, cols), cached."""
         key = (main, slab, pool_rows, pool_cols, mode)
         if key in self._stacks:
             return self._stacks[key]
-        stack = _Stack(self._reslice(main, slab, pool_rows, pool_cols, mode), slab, pool_rows, pool_cols)
+        stack = self._reslice(main, slab, pool_rows, pool_cols, mode)
         if not (torch.is_grad_enabled() and self.volume.requires_grad):
             self._stacks[key] = stack
         return stack
