@@ -66,6 +66,19 @@ def test_fast_projector_matches_dense_reference_on_oblique_views():
         assert torch.norm(filtered - exact) / torch.norm(exact) < 0.01
 
 
+def test_wide_cone_oblique_view_splits_the_detector_by_main_axis():
+    rng = np.random.default_rng(3)
+    volume = torch.nn.functional.avg_pool3d(torch.from_numpy(rng.random((1, 1, 32, 32, 32))), 3, 1, 1)
+    affine = phantoms.grid_affine((32, 32, 32), 3.0)
+    view = CArm(detector=Detector.square(80, 10.0)).view(45, 0)  # 800 mm detector: a +-21 deg cone
+    projector = SliceWarpProjector(volume, affine)
+    assert sorted(plan.main for plan in projector._plans(view)) == [0, 1]  # half the rays cross i, half j
+    exact = reference_projection(volume[0], affine, view, step_mm=0.1)[0]
+    joseph = project(volume, affine, [view], antialias=False)[0, 0, 0]
+    assert torch.norm(joseph - exact) / torch.norm(exact) < 0.005
+    assert torch.norm(projector.project([view])[0, 0, 0] - exact) / torch.norm(exact) < 0.01
+
+
 def test_volume_reaching_past_the_detector_is_cut_at_the_detector():
     values, affine = phantoms.sphere((48, 48, 48), 4.0, 80.0)  # 190 mm grid, sphere 80 mm
     volume = torch.from_numpy(values)[None, None]

@@ -1,6 +1,7 @@
 """Slice-warp projector: forward projection as a sum of 2-D warped slices (Joseph's method, shear-warp layout).
 
-For a view, the volume axis most aligned with the principal ray is the *main axis*. Every slice across it meets each
+Each ray is integrated across its *main axis*, the volume index axis it is most aligned with (Joseph's rule; a wide
+cone at an oblique angle splits the detector into regions with different main axes). Every slice across it meets a
 ray in one point; since a ray is a line, the in-slice coordinates of that point are affine in the slice index, so
 one 2-D bilinear `grid_sample` per chunk of slices samples all rays at once, and the line integral is the sum over
 slices times the ray's length per slice. The volume is re-sliced once per main axis and cached, so a new view only
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -42,16 +43,23 @@ _SAMPLES_PER_CHUNK = 1 << 20  # grid points per grid_sample call: keeps the grid
 
 @dataclass(frozen=True)
 class _RayPlan:
-    """How one view is projected: main axis, filter factors and every ray in voxel index space."""
+    """How the rays of one detector region are projected: their main axis, filter factors and voxel-space rays.
+
+    A region is the bounding rectangle of the pixels whose rays share a main axis; `mask` marks those pixels when
+    other rays share the rectangle.
+    """
 
     main: int  # main axis, 0 = i, 1 = j, 2 = k
     slab: int
     pool_rows: int
     pool_cols: int
-    origins_vox: np.ndarray  # (H, W, 3) ray origins, voxel index (i, j, k)
-    directions_mm: np.ndarray  # (H, W, 3) unit ray directions, RAS
-    along: np.ndarray  # (H, W) main index per mm along each ray
-    slope: np.ndarray  # (H, W, 3) index change per unit of main index along each ray
+    rows: slice  # the region on the detector
+    cols: slice
+    mask: Optional[np.ndarray]  # (h, w) bool, True where this plan's rays are; None = the whole region
+    origins_vox: np.ndarray  # (h, w, 3) ray origins, voxel index (i, j, k)
+    directions_mm: np.ndarray  # (h, w, 3) unit ray directions, RAS
+    along: np.ndarray  # (h, w) main index per mm along each ray
+    slope: np.ndarray  # (h, w, 3) index change per unit of main index along each ray
 
     @property
     def stack_key(self) -> Tuple[int, int, int, int]:
@@ -96,31 +104,44 @@ class SliceWarpProjector:
     def prepare(self, views: Sequence[View], mode: str = "sum") -> None:
         """Build (and cache) the re-sliced volumes these views need, so that later calls pay only for warps."""
         for view in views:
-            self._stack(*self._plan(view).stack_key, mode)
+            for plan in self._plans(view):
+                self._stack(*plan.stack_key, mode)
 
     # --- per view -------------------------------------------------------------------------------------------
-    def _plan(self, view: View) -> _RayPlan:
-        """Main axis, filter factors and the per-pixel ray description in voxel space for one view."""
+    def _plans(self, view: View) -> List[_RayPlan]:
+        """Joseph's rule per ray: integrate across the index axis the ray is most aligned with (in voxel steps).
+
+        Near-axial views use one axis for every ray; oblique views with a wide cone split the detector into regions.
+        """
         origins, directions = view.rays()  # (H, W, 3) RAS mm, unit directions
         origins_vox = origins @ self.world_to_voxel[:3, :3].T + self.world_to_voxel[:3, 3]  # (H, W, 3) ijk
         directions_vox = directions @ self.world_to_voxel[:3, :3].T  # (H, W, 3) ijk per mm
-        principal_vox = self.world_to_voxel[:3, :3] @ view.principal_direction
-        main = int(np.argmax(np.abs(principal_vox)))
-        row_axis, col_axis = _SLICE_LAYOUT[main][1]
-
-        along = directions_vox[..., main]
-        along = np.where(np.abs(along) < 1e-9, 1e-9, along)
-        slope = directions_vox / along[..., None]  # (H, W, 3): d(index)/d(main index) along each ray
-
-        pool_rows = pool_cols = slab = 1
-        if self.antialias:
-            pitch_mm = self._detector_pitch_at_volume(view)
-            pool_rows = self._pool_factor(pitch_mm, row_axis)
-            pool_cols = self._pool_factor(pitch_mm, col_axis)
-            drift = max(np.abs(slope[..., row_axis]).max() / pool_rows, np.abs(slope[..., col_axis]).max() / pool_cols)
-            slab = int(min(self.max_slab, max(1, math.floor(self.max_drift_voxels / max(drift, 1e-6))),
-                           self.shape_ijk[main]))
-        return _RayPlan(main, slab, pool_rows, pool_cols, origins_vox, directions, along, slope)
+        best_axis = np.argmax(np.abs(directions_vox), axis=-1)  # (H, W)
+        main_axes = np.unique(best_axis)
+        pitch_mm = self._detector_pitch_at_volume(view)
+        plans = []
+        for main in (int(m) for m in main_axes):
+            rows = cols = slice(None)
+            mask = None
+            if len(main_axes) > 1:
+                uses = best_axis == main
+                r, c = np.nonzero(uses)
+                rows, cols = slice(r.min(), r.max() + 1), slice(c.min(), c.max() + 1)
+                mask = uses[rows, cols]
+            along = directions_vox[rows, cols, main]  # (h, w), never below 1/sqrt(3) of the largest component
+            slope = directions_vox[rows, cols] / along[..., None]  # (h, w, 3)
+            row_axis, col_axis = _SLICE_LAYOUT[main][1]
+            pool_rows = pool_cols = slab = 1
+            if self.antialias:
+                pool_rows = self._pool_factor(pitch_mm, row_axis)
+                pool_cols = self._pool_factor(pitch_mm, col_axis)
+                used = np.abs(slope if mask is None else slope[mask])  # (n, 3) slopes of this plan's rays
+                drift = max(used[..., row_axis].max() / pool_rows, used[..., col_axis].max() / pool_cols)
+                slab = int(min(self.max_slab, max(1, math.floor(self.max_drift_voxels / max(drift, 1e-6))),
+                               self.shape_ijk[main]))
+            plans.append(_RayPlan(main, slab, pool_rows, pool_cols, rows, cols, mask, origins_vox[rows, cols],
+                                  directions[rows, cols], along, slope))
+        return plans
 
     def _detector_pitch_at_volume(self, view: View) -> float:
         """Detector pixel size (mm) projected back to the volume centre."""
@@ -135,7 +156,23 @@ class SliceWarpProjector:
         return max(1, min(factor, int(self.shape_ijk[axis]) // 2))
 
     def _project_view(self, view: View, mode: str) -> torch.Tensor:
-        plan = self._plan(view)
+        """(B, C, H, W) projection of every volume at one view."""
+        batch, channels = self.volume.shape[:2]
+        height, width = view.detector.shape
+        result = None
+        for plan in self._plans(view):
+            part = self._project_region(view, plan, mode)  # (B*C, h, w)
+            if plan.mask is None:
+                result = part
+                continue
+            if result is None:
+                result = part.new_zeros(batch * channels, height, width)
+            mask = torch.from_numpy(plan.mask).to(part.device)
+            result[:, plan.rows, plan.cols] = torch.where(mask, part, result[:, plan.rows, plan.cols])
+        return result.view(batch, channels, height, width)
+
+    def _project_region(self, view: View, plan: _RayPlan, mode: str) -> torch.Tensor:
+        """(B*C, h, w) projection of the rays of one plan."""
         main, slab, pool_rows, pool_cols = plan.stack_key
         origins_vox, slope, along = plan.origins_vox, plan.slope, plan.along
         stack = self._stack(main, slab, pool_rows, pool_cols, mode)
@@ -175,14 +212,13 @@ class SliceWarpProjector:
                                     align_corners=True)  # (n, B*C, H, W)
             part = samples.sum(0) if mode == "sum" else samples.amax(0)
             result = part if result is None else (result + part if mode == "sum" else torch.maximum(result, part))
-        batch, channels = self.volume.shape[:2]
         if result is None:  # the whole volume lies behind the source
-            result = torch.zeros(batch * channels, height, width, device=device, dtype=dtype)
+            result = torch.zeros(stack.shape[1], height, width, device=device, dtype=dtype)
         if mode == "sum":
             # Ray length per unit of main index: the direction is a unit world vector, so 1 / |d(main)/d(mm)|.
             mm_per_slice = torch.from_numpy(1.0 / np.abs(along)).to(device, dtype)
             result = result * mm_per_slice
-        return result.view(batch, channels, height, width)
+        return result
 
     def _slabs_in_front_of_source(self, view: View, main: int, slab: int, n_slabs: int, o_main: np.ndarray,
                                   along: np.ndarray) -> Tuple[int, int]:
