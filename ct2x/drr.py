@@ -19,6 +19,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .conventions import voxel_to_world
 from .errors import CT2XInputError
 from .geometry import CArm, View
 from .physics import (
@@ -163,7 +164,7 @@ def body_extent_mm(volume: CTVolume) -> float:
     """Largest edge (mm) of the RAS-axis box around the body (voxels above BODY_MIN_HU) - for fitting a detector."""
     hu, affine = _crop_to_body(volume)
     corners = np.stack(np.meshgrid(*[[-0.5, n - 0.5] for n in hu.shape[::-1]], indexing="ij"), -1).reshape(-1, 3)
-    corners_ras = corners @ affine[:3, :3].T + affine[:3, 3]
+    corners_ras = voxel_to_world(affine, corners)
     return float((corners_ras.max(0) - corners_ras.min(0)).max())
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..conventions import voxel_to_world
 from ..geometry import View
 from .slicewarp import SliceWarpProjector
 
@@ -31,7 +32,7 @@ def backproject_view(image: torch.Tensor, view: View, affine: np.ndarray, volume
 
     k, j, i = np.meshgrid(np.arange(depth), np.arange(rows), np.arange(cols), indexing="ij")
     ijk = np.stack([i.ravel(), j.ravel(), k.ravel()], axis=-1).astype(np.float64)  # (K*J*I, 3) voxel index
-    points_ras = ijk @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]  # (N, 3) RAS mm
+    points_ras = voxel_to_world(np.asarray(affine), ijk)  # (N, 3) RAS mm
     pixel = view.project_points(points_ras)  # (N, 2) column, row
     grid = np.stack([2 * pixel[:, 0] / max(width - 1, 1) - 1, 2 * pixel[:, 1] / max(height - 1, 1) - 1], -1)
     if view.beam == "cone":

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..conventions import world_to_voxel
 from ..geometry import View
 
 
@@ -24,11 +25,10 @@ def reference_projection(volume: torch.Tensor, affine: np.ndarray, view: View, s
     volume = volume.to(torch.float64)
     channels = volume.shape[0]
     shape_ijk = np.array(volume.shape[1:][::-1], dtype=np.float64)  # (I, J, K)
-    world_to_voxel = np.linalg.inv(affine)
     origins, directions = view.rays()  # (H, W, 3) RAS mm, unit
     height, width = origins.shape[:2]
-    origins_vox = origins.reshape(-1, 3) @ world_to_voxel[:3, :3].T + world_to_voxel[:3, 3]  # (R, 3) ijk
-    directions_vox = directions.reshape(-1, 3) @ world_to_voxel[:3, :3].T  # (R, 3) ijk per mm
+    origins_vox = world_to_voxel(affine, origins.reshape(-1, 3))  # (R, 3) ijk
+    directions_vox = directions.reshape(-1, 3) @ np.linalg.inv(affine[:3, :3]).T  # (R, 3) ijk per mm
 
     # Slab test against the support box [-1, n] per axis: ray parameter t in mm along the unit world direction.
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..conventions import spacing_from_affine, voxel_to_world, world_to_voxel
 from ..errors import CT2XInputError
 from ..geometry import View
 
@@ -85,13 +86,13 @@ class SliceWarpProjector:
             volume = volume.float()  # CPU grid_sample has no half-precision kernel worth using (bf16 crashed here)
         self.volume = volume
         self.affine = np.asarray(affine, dtype=np.float64)
-        self.world_to_voxel = np.linalg.inv(self.affine)
+        self.voxel_per_mm = np.linalg.inv(self.affine[:3, :3])  # (3, 3) world direction (mm) -> index steps
         self.antialias = antialias
         self.max_slab = max(1, int(max_slab))
         self.max_drift_voxels = float(max_drift_voxels)  # sideways ray travel allowed across one slab, filtered voxels
-        self.spacing_mm = np.linalg.norm(self.affine[:3, :3], axis=0)  # (3,) mm per i, j, k
+        self.spacing_mm = spacing_from_affine(self.affine)  # (3,) mm per i, j, k
         self.shape_ijk = np.array(volume.shape[2:][::-1])  # (I, J, K)
-        self.center_ras = self.affine[:3, :3] @ ((self.shape_ijk - 1) / 2.0) + self.affine[:3, 3]
+        self.center_ras = voxel_to_world(self.affine, (self.shape_ijk - 1) / 2.0)
         self._stacks: Dict[Tuple[int, int, int, int, str], torch.Tensor] = {}  # (slabs, B*C, rows, cols)
 
     # --- public ---------------------------------------------------------------------------------------------
@@ -114,8 +115,8 @@ class SliceWarpProjector:
         Near-axial views use one axis for every ray; oblique views with a wide cone split the detector into regions.
         """
         origins, directions = view.rays()  # (H, W, 3) RAS mm, unit directions
-        origins_vox = origins @ self.world_to_voxel[:3, :3].T + self.world_to_voxel[:3, 3]  # (H, W, 3) ijk
-        directions_vox = directions @ self.world_to_voxel[:3, :3].T  # (H, W, 3) ijk per mm
+        origins_vox = world_to_voxel(self.affine, origins)  # (H, W, 3) ijk
+        directions_vox = directions @ self.voxel_per_mm.T  # (H, W, 3) ijk per mm
         best_axis = np.argmax(np.abs(directions_vox), axis=-1)  # (H, W)
         main_axes = np.unique(best_axis)
         pitch_mm = self._detector_pitch_at_volume(view)
@@ -238,7 +239,7 @@ class SliceWarpProjector:
         and whether the ray runs towards increasing index; None when the whole volume is in front of the detector.
         """
         corners = np.stack(np.meshgrid(*[[-1.0, n] for n in self.shape_ijk], indexing="ij"), -1).reshape(-1, 3)
-        corners_ras = corners @ self.affine[:3, :3].T + self.affine[:3, 3]
+        corners_ras = voxel_to_world(self.affine, corners)
         if np.max((corners_ras - view.detector_center_ras) @ view.principal_direction) <= 0:
             return None
         # Every ray starts source_to_detector_mm before the detector plane (a parallel ray) or at the source.
