@@ -273,10 +273,6 @@ class CArm:
                     mirrored=abs(wrapped) > 90.0 + 1e-9, primary_deg=float(primary_deg),
                     secondary_deg=float(secondary_deg), isocenter_ras=tuple(float(x) for x in isocenter))
 
-    def views(self, angles_deg: Sequence[Tuple[float, float]], isocenter_ras: Sequence[float]) -> List[View]:
-        """One view per (primary, secondary) pair."""
-        return [self.view(a, b, isocenter_ras) for a, b in angles_deg]
-
 
 def parse_angles(text: str) -> List[float]:
     """Angles in degrees from "START:STOP:STEP" (STOP included when reached) or "a,b,c" or one number."""
