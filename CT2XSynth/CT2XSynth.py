@@ -29,6 +29,10 @@ from slicer.util import VTKObservationMixin
 PHYSICS_ENGINE = "Physics DRR"
 ENGINES = [PHYSICS_ENGINE, "CT2X-GAN (coming)"]
 SPECTRA = ["60kV", "90kV", "120kV"]  # ct2x.physics.SPECTRA, restated: importing ct2x.physics imports torch
+# The paper's mobile C-arm, restated from ct2x.geometry (imported on first render, not when Slicer starts).
+SOURCE_TO_DETECTOR_MM = 1020.0
+SOURCE_TO_ISOCENTER_MM = 530.0
+DETECTOR_SIZE_PX = 256
 LIVE_UPDATE_DELAY_MS = 100  # live update: changes within this time are merged into one render
 
 
@@ -73,9 +77,9 @@ class CT2XSynthParameterNode:
     seriesAngles: str = "-90:90:30"  # START:STOP:STEP, a,b,c or one angle
     spectrum: Annotated[str, Choice(SPECTRA)] = "60kV"
     noisePhotons: Annotated[int, WithinRange(0, 10_000_000)] = 0  # photons per pixel; 0 = noiseless
-    sourceToDetectorMm: Annotated[float, WithinRange(100.0, 3000.0)] = 1020.0
-    sourceToIsocenterMm: Annotated[float, WithinRange(50.0, 2900.0)] = 530.0
-    detectorSizePx: Annotated[int, WithinRange(16, 2048)] = 256
+    sourceToDetectorMm: Annotated[float, WithinRange(100.0, 3000.0)] = SOURCE_TO_DETECTOR_MM
+    sourceToIsocenterMm: Annotated[float, WithinRange(50.0, 2900.0)] = SOURCE_TO_ISOCENTER_MM
+    detectorSizePx: Annotated[int, WithinRange(16, 2048)] = DETECTOR_SIZE_PX
     pixelSpacingMm: Annotated[float, WithinRange(0.0, 10.0)] = 0.0  # 0 = fit the body in view
     device: str = "cpu"  # torch device; its combo box is filled at run time, so it is synchronised by hand
     outputVolume: vtkMRMLScalarVolumeNode
@@ -337,7 +341,8 @@ class CT2XSynthLogic(ScriptedLoadableModuleLogic):
         return filmNode
 
     def renderer(self, inputVolumeNode, spectrum: str = "60kV", noisePhotons: int = 0,
-                 sourceToDetectorMm: float = 1020.0, sourceToIsocenterMm: float = 530.0, detectorSizePx: int = 256,
+                 sourceToDetectorMm: float = SOURCE_TO_DETECTOR_MM,
+                 sourceToIsocenterMm: float = SOURCE_TO_ISOCENTER_MM, detectorSizePx: int = DETECTOR_SIZE_PX,
                  pixelSpacingMm: float = 0.0, device: str = "cpu"):
         """The ct2x DRRRenderer of this CT node with these settings, prepared once and cached.
 
@@ -368,7 +373,8 @@ class CT2XSynthLogic(ScriptedLoadableModuleLogic):
 
     def process(self, inputVolumeNode, outputVolumeNode, primaryDeg: float = 0.0, secondaryDeg: float = 0.0,
                 engine: str = PHYSICS_ENGINE, spectrum: str = "60kV", noisePhotons: int = 0,
-                sourceToDetectorMm: float = 1020.0, sourceToIsocenterMm: float = 530.0, detectorSizePx: int = 256,
+                sourceToDetectorMm: float = SOURCE_TO_DETECTOR_MM,
+                sourceToIsocenterMm: float = SOURCE_TO_ISOCENTER_MM, detectorSizePx: int = DETECTOR_SIZE_PX,
                 pixelSpacingMm: float = 0.0, device: str = "cpu", showResult: bool = True):
         """Render the X-ray of a CT at C-arm angles into a volume node.
 

@@ -34,6 +34,9 @@ import numpy as np
 from .errors import CT2XInputError
 
 MOBILE_CARM_SENSOR_MM = 1536 * 0.194  # DeepDRR MobileCArm sensor edge, mm
+SOURCE_TO_DETECTOR_MM = 1020.0  # the paper's mobile C-arm (see above)
+SOURCE_TO_ISOCENTER_MM = 530.0
+DETECTOR_SIZE_PX = 256  # default detector pixels per side
 
 #: The CT2X-GAN paper's seven views: primary -90..90 deg in 30 deg steps, secondary 0 deg.
 SEVEN_VIEWS_DEG: Tuple[Tuple[float, float], ...] = tuple((float(a), 0.0) for a in range(-90, 91, 30))
@@ -48,9 +51,10 @@ BEAMS = ("cone", "parallel")
 class Detector:
     """Flat-panel detector: size in pixels and pixel spacing in mm (column spacing, row spacing)."""
 
-    width_px: int = 256
-    height_px: int = 256
-    pixel_spacing_mm: Tuple[float, float] = (MOBILE_CARM_SENSOR_MM / 256, MOBILE_CARM_SENSOR_MM / 256)
+    width_px: int = DETECTOR_SIZE_PX
+    height_px: int = DETECTOR_SIZE_PX
+    pixel_spacing_mm: Tuple[float, float] = (MOBILE_CARM_SENSOR_MM / DETECTOR_SIZE_PX,
+                                             MOBILE_CARM_SENSOR_MM / DETECTOR_SIZE_PX)
 
     def __post_init__(self) -> None:
         if self.width_px < 1 or self.height_px < 1:
@@ -80,7 +84,7 @@ class View:
     """
 
     camera_to_world: np.ndarray  # (4, 4) float64, camera -> world RAS mm
-    source_to_detector_mm: float = 1020.0
+    source_to_detector_mm: float = SOURCE_TO_DETECTOR_MM
     detector: Detector = field(default_factory=Detector)
     beam: str = "cone"
     mirrored: bool = False  # image columns run along -camera x (radiological display of posterior-source views)
@@ -105,7 +109,7 @@ class View:
     def from_pose(
         cls,
         camera_to_world: np.ndarray,
-        source_to_detector_mm: float = 1020.0,
+        source_to_detector_mm: float = SOURCE_TO_DETECTOR_MM,
         detector: Optional[Detector] = None,
         beam: str = "cone",
         mirrored: bool = False,
@@ -227,8 +231,8 @@ class View:
 class CArm:
     """A C-arm: distances in mm, a detector and the beam shape; `view()` turns angles into a `View`."""
 
-    source_to_detector_mm: float = 1020.0
-    source_to_isocenter_mm: float = 530.0
+    source_to_detector_mm: float = SOURCE_TO_DETECTOR_MM
+    source_to_isocenter_mm: float = SOURCE_TO_ISOCENTER_MM
     detector: Detector = field(default_factory=Detector)
     beam: str = "cone"
 

@@ -319,3 +319,18 @@ def test_only_the_vtk_bridge_imports_vtk_in_the_core():
                  if _top_level_imports(p) & {"vtk", "vtkmodules"}}
     assert importers == {"ct2x/vtk_bridge.py"}
     assert "torch" not in _top_level_imports(ROOT / "ct2x" / "vtk_bridge.py")
+
+
+def test_values_the_module_restates_match_the_core():
+    """CT2XSynth restates a few ct2x values so that Slicer's start-up need not import ct2x; they must agree."""
+    from ct2x import geometry
+    from ct2x.physics import SPECTRA
+
+    restated = {node.targets[0].id: ast.literal_eval(node.value)
+                for node in ast.parse(MODULE_PY.read_text(encoding="utf-8")).body
+                if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+                and node.targets[0].id in ("SPECTRA", "SOURCE_TO_DETECTOR_MM", "SOURCE_TO_ISOCENTER_MM",
+                                           "DETECTOR_SIZE_PX")}
+    assert restated == {"SPECTRA": list(SPECTRA), "SOURCE_TO_DETECTOR_MM": geometry.SOURCE_TO_DETECTOR_MM,
+                        "SOURCE_TO_ISOCENTER_MM": geometry.SOURCE_TO_ISOCENTER_MM,
+                        "DETECTOR_SIZE_PX": geometry.DETECTOR_SIZE_PX}

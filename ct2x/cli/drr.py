@@ -26,6 +26,7 @@ from typing import Dict, Iterator, List, Tuple
 import numpy as np
 
 from ct2x import __version__
+from ct2x.geometry import DETECTOR_SIZE_PX, SOURCE_TO_DETECTOR_MM, SOURCE_TO_ISOCENTER_MM
 
 DEFAULT_ANGLES = "-90:90:30"  # the CT2X-GAN paper's seven views, degrees
 OVERVIEW_MAX_WIDTH_PX = 2000
@@ -47,11 +48,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "lateral; default %(default)s)")
     parser.add_argument("--secondary", type=float, default=0.0, metavar="DEG",
                         help="secondary (cranial +, caudal -) angle, deg (default %(default)s)")
-    parser.add_argument("--sdd", type=_positive(float), default=1020.0,
+    parser.add_argument("--sdd", type=_positive(float), default=SOURCE_TO_DETECTOR_MM,
                         metavar="MM", help="source-to-detector, mm (default %(default)s)")
-    parser.add_argument("--sid", type=_positive(float), default=530.0,
+    parser.add_argument("--sid", type=_positive(float), default=SOURCE_TO_ISOCENTER_MM,
                         metavar="MM", help="source-to-isocentre, mm (default %(default)s)")
-    parser.add_argument("--size", type=_positive(int), default=256,
+    parser.add_argument("--size", type=_positive(int), default=DETECTOR_SIZE_PX,
                         metavar="PX", help="detector size, px, square (default %(default)s)")
     parser.add_argument("--spacing", type=_positive(float), metavar="MM",
                         help="detector pixel spacing, mm (default: fit the body in view; "
