@@ -263,13 +263,12 @@ def _ratio(result: dict, ours: dict) -> str:
 def format_tables(rows: List[dict], peers: List[str], repeats: int) -> str:
     """Markdown: speed and memory per case, then agreement of the images."""
     labels = [ENGINE_LABELS.get(p, p) for p in peers]
-    speed = ["| case | ours ms | ours prep ms | " + " | ".join(f"{label} ms" for label in labels)
-             + " | " + " | ".join(f"{label}/ours" for label in labels)
-             + " | peak RSS MB: ours | " + " | ".join(labels) + " |"]
-    agreement = ["| case | ours vs exact | " + " | ".join(f"ours vs {label}" for label in labels)
-                 + " | " + " | ".join(f"{label} vs exact" for label in labels) + " |"]
-    for table in (speed, agreement):
-        table.append("|" + "---|" * (table[0].count(" | ") + 1))
+    speed_columns = ["case", "ours ms", "ours prep ms", *(f"{label} ms" for label in labels),
+                     *(f"{label}/ours" for label in labels), "peak RSS MB: ours", *labels]
+    agreement_columns = ["case", "ours vs exact", *(f"ours vs {label}" for label in labels),
+                         *(f"{label} vs exact" for label in labels)]
+    speed, agreement = ([f"| {' | '.join(columns)} |", "|" + "---|" * len(columns)]
+                        for columns in (speed_columns, agreement_columns))
     for row in rows:
         volume, view, size = parse_case(row["case"])
         label = f"{VOLUMES[volume]} {view} {size}²"

@@ -3,7 +3,9 @@
 Times what the module's Logic does per view for the real chest CT (512 x 512 x 141): `DRRRenderer.render` at the
 module's defaults (SDD 1020 mm, source-to-isocentre 530 mm, 256^2 detector fitted to the body, 60 kV) followed by
 `ct2x.vtk_bridge.radiograph_to_vtk`, the array + geometry handed to the volume node. The first render, which
-includes the per-CT preparation, is reported separately; then a sweep of primary angles, median of repeats.
+includes the per-CT preparation, is reported separately; then a drag: one update per degree from -90 to +90 deg, each
+angle met for the first time (median and slowest update, which shows any stall); then a sweep of primary angles,
+median of repeats.
 
     python bench/bench_slider.py [--data-dir ../shared/data] [--repeats 5] [--step 15]
 """
@@ -35,6 +37,16 @@ def update_ms(renderer: DRRRenderer, angle: float, repeats: int) -> float:
     return statistics.median(times)
 
 
+def drag_ms(renderer: DRRRenderer) -> list:
+    """Time (ms) of each update of a first drag from -90 to +90 deg in 1 deg steps."""
+    times = []
+    for angle in range(-90, 91):
+        start = time.perf_counter()
+        radiograph_to_vtk(renderer.render(float(angle)))
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("CT2X_DATA_DIR", "../shared/data")))
@@ -50,17 +62,19 @@ def main() -> None:
     angles = [-90.0 + i * args.step for i in range(int(180 / args.step) + 1)]
     print(f"chest CT {volume.hu.shape[::-1]} voxels, 256^2 detector at {carm.detector.pixel_spacing_mm[0]:.2f} mm, "
           f"CPU {args.threads} threads, median of {args.repeats} after a warm-up\n")
-    print("| physics | first render incl. preparation ms | " + " | ".join(f"{a:+.0f} deg" for a in angles) +
-          " | median over angles |")
-    print("|---" * (len(angles) + 3) + "|")
+    print("| physics | first render incl. preparation ms | first drag median ms | first drag slowest ms | " +
+          " | ".join(f"{a:+.0f} deg" for a in angles) + " | median over angles |")
+    print("|---" * (len(angles) + 5) + "|")
     for label, physics in (("60 kV polychromatic", Physics()), ("50 keV monochromatic", Physics(energy_kev=50.0))):
         start = time.perf_counter()
         renderer = DRRRenderer(volume, carm, physics)
         radiograph_to_vtk(renderer.render(0.0))
         first_ms = (time.perf_counter() - start) * 1e3
+        drag = drag_ms(renderer)
         per_angle = [update_ms(renderer, angle, args.repeats) for angle in angles]
-        print(f"| {label} | {first_ms:.0f} | " + " | ".join(f"{t:.0f}" for t in per_angle) +
-              f" | {statistics.median(per_angle):.0f} |")
+        cells = [label, f"{first_ms:.0f}", f"{statistics.median(drag):.0f}", f"{max(drag):.0f}",
+                 *(f"{t:.0f}" for t in per_angle), f"{statistics.median(per_angle):.0f}"]
+        print(f"| {' | '.join(cells)} |")
 
 
 if __name__ == "__main__":

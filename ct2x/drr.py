@@ -127,8 +127,9 @@ class DRRRenderer:
         else:
             channels = densities
         self.projector = SliceWarpProjector(channels[None], affine)  # (1, C, K, J, I)
-        self.projector.prepare([self.carm.view(0.0, 0.0, self.isocenter_ras),
-                                self.carm.view(90.0, 0.0, self.isocenter_ras)])
+        # AP, lateral and 45 deg hold the longest and the shortest slabs a primary-angle sweep needs; the shorter
+        # ones serve every angle in between, so dragging the slider never stops to re-slice.
+        self.projector.prepare([self.view(angle) for angle in (0.0, 45.0, 90.0)])
         self.preparation_seconds = time.perf_counter() - start
 
     def view(self, primary_deg: float = 0.0, secondary_deg: float = 0.0) -> View:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from ct2x import phantoms
-from ct2x.drr import DRRRenderer, Physics, auto_window, to_display
+from ct2x.drr import DRRRenderer, Physics, auto_window, fitted_detector_spacing_mm, to_display
 from ct2x.errors import CT2XInputError
 from ct2x.geometry import CArm, Detector
 from ct2x.volume import CTVolume
@@ -83,6 +83,15 @@ def test_window_is_fixed_by_the_first_render(chest):
     first = renderer.render(0)
     lateral = renderer.render(90)
     assert lateral.window == first.window
+
+
+def test_dragging_the_primary_angle_never_reslices_the_ct(chest):
+    carm = CArm().with_detector(64, fitted_detector_spacing_mm(chest, CArm(), 64))  # CT2XSynth's defaults
+    renderer = DRRRenderer(chest, carm)
+    prepared = set(renderer.projector._stacks)
+    for angle in range(-90, 91, 3):
+        renderer.render(angle)
+    assert set(renderer.projector._stacks) == prepared
 
 
 def test_display_mapping():
