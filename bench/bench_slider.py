@@ -5,7 +5,7 @@ module's defaults (SDD 1020 mm, source-to-isocentre 530 mm, 256^2 detector fitte
 `ct2x.vtk_bridge.radiograph_to_vtk`, the array + geometry handed to the volume node. The first render, which
 includes the per-CT preparation, is reported separately; then a drag: one update per degree from -90 to +90 deg, each
 angle met for the first time (median and slowest update, which shows any stall); then a sweep of primary angles,
-median of repeats.
+median of repeats. A second table does the same for the vertical angle (C-arm tilt, -45 to +45 deg in the module).
 
     python bench/bench_slider.py [--data-dir ../shared/data] [--repeats 5] [--step 15]
 """
@@ -26,25 +26,30 @@ from ct2x.io import load_ct
 from ct2x.vtk_bridge import radiograph_to_vtk
 
 
-def update_ms(renderer: DRRRenderer, angle: float, repeats: int) -> float:
-    """Median time (ms) of render + conversion at one primary angle, after one warm-up."""
-    radiograph_to_vtk(renderer.render(angle))
+def update_ms(renderer: DRRRenderer, primary: float, secondary: float, repeats: int) -> float:
+    """Median time (ms) of render + conversion at one view, after one warm-up."""
+    radiograph_to_vtk(renderer.render(primary, secondary))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        radiograph_to_vtk(renderer.render(angle))
+        radiograph_to_vtk(renderer.render(primary, secondary))
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
 
-def drag_ms(renderer: DRRRenderer) -> list:
-    """Time (ms) of each update of a first drag from -90 to +90 deg in 1 deg steps."""
+def drag_ms(renderer: DRRRenderer, views: list) -> list:
+    """Time (ms) of each update of a drag through (primary, secondary) views, each met for the first time."""
     times = []
-    for angle in range(-90, 91):
+    for primary, secondary in views:
         start = time.perf_counter()
-        radiograph_to_vtk(renderer.render(float(angle)))
+        radiograph_to_vtk(renderer.render(primary, secondary))
         times.append((time.perf_counter() - start) * 1e3)
     return times
+
+
+def table(header: list, rows: list) -> str:
+    return "\n".join([f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
+                     + [f"| {' | '.join(row)} |" for row in rows])
 
 
 def main() -> None:
@@ -60,21 +65,29 @@ def main() -> None:
     carm = CArm()
     carm = carm.with_detector(256, fitted_detector_spacing_mm(volume, carm, 256))
     angles = [-90.0 + i * args.step for i in range(int(180 / args.step) + 1)]
-    print(f"chest CT {volume.hu.shape[::-1]} voxels, 256^2 detector at {carm.detector.pixel_spacing_mm[0]:.2f} mm, "
-          f"CPU {args.threads} threads, median of {args.repeats} after a warm-up\n")
-    print("| physics | first render incl. preparation ms | first drag median ms | first drag slowest ms | " +
-          " | ".join(f"{a:+.0f} deg" for a in angles) + " | median over angles |")
-    print("|---" * (len(angles) + 5) + "|")
+    tilted = [(0.0, 30.0), (45.0, 15.0), (45.0, 30.0), (45.0, 45.0), (90.0, 30.0)]  # (primary, secondary) deg
+    horizontal, vertical = [], []
     for label, physics in (("60 kV polychromatic", Physics()), ("50 keV monochromatic", Physics(energy_kev=50.0))):
         start = time.perf_counter()
         renderer = DRRRenderer(volume, carm, physics)
         radiograph_to_vtk(renderer.render(0.0))
         first_ms = (time.perf_counter() - start) * 1e3
-        drag = drag_ms(renderer)
-        per_angle = [update_ms(renderer, angle, args.repeats) for angle in angles]
-        cells = [label, f"{first_ms:.0f}", f"{statistics.median(drag):.0f}", f"{max(drag):.0f}",
-                 *(f"{t:.0f}" for t in per_angle), f"{statistics.median(per_angle):.0f}"]
-        print(f"| {' | '.join(cells)} |")
+        drag = drag_ms(renderer, [(float(a), 0.0) for a in range(-90, 91)])
+        per_angle = [update_ms(renderer, angle, 0.0, args.repeats) for angle in angles]
+        horizontal.append([label, f"{first_ms:.0f}", f"{statistics.median(drag):.0f}", f"{max(drag):.0f}",
+                           *(f"{t:.0f}" for t in per_angle), f"{statistics.median(per_angle):.0f}"])
+        tilt_drags = [drag_ms(renderer, [(primary, float(t)) for t in range(-45, 46)]) for primary in (0.0, 45.0)]
+        vertical.append([label, *(f"{statistics.median(d):.0f} / {max(d):.0f}" for d in tilt_drags),
+                         *(f"{update_ms(renderer, p, t, args.repeats):.0f}" for p, t in tilted)])
+
+    print(f"chest CT {volume.hu.shape[::-1]} voxels, 256^2 detector at {carm.detector.pixel_spacing_mm[0]:.2f} mm, "
+          f"CPU {args.threads} threads, median of {args.repeats} after a warm-up\n")
+    print(table(["physics", "first render incl. preparation ms", "first drag median ms", "first drag slowest ms",
+                 *(f"{a:+.0f} deg" for a in angles), "median over angles"], horizontal))
+    print("\nVertical angle (tilt), after the drag above: first tilt drags from -45 to +45 deg in 1 deg steps, "
+          "median / slowest ms; then tilted views, median ms\n")
+    print(table(["physics", "tilt drag at primary 0 deg", "tilt drag at primary 45 deg",
+                 *(f"{p:+.0f} / {t:+.0f} deg" for p, t in tilted)], vertical))
 
 
 if __name__ == "__main__":
