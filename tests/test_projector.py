@@ -187,7 +187,8 @@ def test_skipping_rays_that_miss_a_slab_and_staging_change_nothing(monkeypatch, 
     views = [CArm(detector=Detector(48, 40, (1.5, 1.7))).view(-45, 15, center),
              CArm(detector=Detector.square(80, 10.0)).view(45, 0, center),  # wide cone: two main axes
              CArm(40, 15, Detector.square(50, 2.0)).view(110, -10, center),  # source inside the volume
-             CArm(beam="parallel", detector=Detector.square(40, 1.5)).view(20, 0, center)]
+             CArm(beam="parallel", detector=Detector.square(40, 1.5)).view(20, 0, center),
+             *(CArm(detector=Detector.square(40, 1.5)).view(0, 0, center + [0, shift, 0]) for shift in (-600, 600))]
     fast = [SliceWarpProjector(volume, affine).project([view], mode) for view in views]
 
     def every_ray_at_every_slab(starts, steps, n_rows, n_cols, mask):
@@ -196,6 +197,7 @@ def test_skipping_rays_that_miss_a_slab_and_staging_change_nothing(monkeypatch, 
 
     monkeypatch.setattr(slicewarp, "_slabs_hitting_stack", every_ray_at_every_slab)
     monkeypatch.setattr(SliceWarpProjector, "_staged", lambda self, stack, begin, end: stack[begin:end])
+    assert fast[-2].abs().max() == 0 and fast[-1].abs().max() == 0  # behind the source; past the detector
     for view, image in zip(views, fast):
         torch.testing.assert_close(image, SliceWarpProjector(volume, affine).project([view], mode), rtol=1e-12,
                                    atol=1e-12)

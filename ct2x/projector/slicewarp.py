@@ -15,9 +15,9 @@ Anti-aliasing (on by default) makes the work follow the detector rather than the
   chest CT this stays within 0.3 % relative L2 of the dense reference at 0/30/45/90 deg (bench/RESULTS.md).
 With `antialias=False` the method is plain Joseph: one bilinear sample per slice per ray.
 
-Each `grid_sample` call covers a chunk of slabs, and only the detector rectangle whose rays meet those slabs (about
-half the rays per slab at slider geometry; the others would read zeros). On the CPU the chunk is first copied into a
-reused buffer, which halves the sampling time (`SliceWarpProjector._staged`).
+Each `grid_sample` call covers a chunk of slabs and, of the detector, only the rectangle whose rays meet those slabs
+(at slider geometry about half the rays miss a given slab and would read zeros). On the CPU the chunk is first
+copied into a reused buffer, which halves the sampling time (`SliceWarpProjector._staged`).
 
 The continuous volume is the trilinear interpolant between voxel centres with zero outside, the same one that
 `reference.reference_projection` integrates densely.
@@ -234,9 +234,9 @@ class SliceWarpProjector:
                 target += samples.sum(0)
             else:
                 target.copy_(torch.maximum(target, samples.amax(0)))
-        if mode == "max":  # a ray with any sample outside the stack has read a zero there
-            missed_some = torch.from_numpy((enter > first) | (leave < last - 1)).to(device)
-            result = torch.where(missed_some, result.clamp_min(0.0), result)
+        if mode == "max":  # a ray with a sample outside the stack read a zero there; one without samples is zero
+            read_zero = torch.from_numpy((enter > first) | (leave < last - 1) | (last <= first)).to(device)
+            result = torch.where(read_zero, result.clamp_min(0.0), result)
         else:
             # Ray length per unit of main index: the direction is a unit world vector, so 1 / |d(main)/d(mm)|.
             mm_per_slice = torch.from_numpy(1.0 / np.abs(along)).to(device, dtype)
