@@ -28,17 +28,11 @@ from ct2x.vtk_bridge import radiograph_to_vtk
 
 def update_ms(renderer: DRRRenderer, primary: float, secondary: float, repeats: int) -> float:
     """Median time (ms) of render + conversion at one view, after one warm-up."""
-    radiograph_to_vtk(renderer.render(primary, secondary))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        radiograph_to_vtk(renderer.render(primary, secondary))
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return statistics.median(drag_ms(renderer, [(primary, secondary)] * (repeats + 1))[1:])
 
 
 def drag_ms(renderer: DRRRenderer, views: list) -> list:
-    """Time (ms) of each update of a drag through (primary, secondary) views, each met for the first time."""
+    """Time (ms) of render + conversion for each (primary, secondary) view in turn."""
     times = []
     for primary, secondary in views:
         start = time.perf_counter()

@@ -206,6 +206,8 @@ class SliceWarpProjector:
 
         first, last = self._slabs_in_front_of_source(view, main, slab, n_slabs, o_main, along)
         past_detector = self._slabs_past_detector(view, slab, o_main, along, plan.directions_mm)
+        if past_detector is not None:
+            threshold = torch.from_numpy(past_detector[0]).to(device=device, dtype=dtype)[..., None]  # (h, w, 1)
         # Only the detector rectangle whose rays meet a chunk's slabs is sampled for that chunk: at slider
         # geometry about half the rays of a slab miss it.
         enter, leave = _slabs_hitting_stack(starts, steps, n_rows, n_cols, plan.mask)  # (h, w)
@@ -224,8 +226,7 @@ class SliceWarpProjector:
             index = torch.arange(begin, end, device=device, dtype=dtype).view(-1, 1, 1, 1)
             grid = torch.addcmul(start[rows, cols], index, step[rows, cols])  # (n, h', w', 2)
             if past_detector is not None:  # samples past a ray's pixel read zero (outside [-1, 1])
-                threshold = torch.from_numpy(past_detector[0][rows, cols]).to(device=device, dtype=dtype)[..., None]
-                past = index >= threshold if past_detector[1] else index <= threshold
+                past = index >= threshold[rows, cols] if past_detector[1] else index <= threshold[rows, cols]
                 grid = grid.masked_fill(past.expand_as(grid), 2.0)
             samples = F.grid_sample(self._staged(stack, begin, end), grid, mode="bilinear", padding_mode="zeros",
                                     align_corners=True)  # (n, B*C, h', w')
@@ -252,7 +253,7 @@ class SliceWarpProjector:
         chunk = stack[begin:end]
         if chunk.device.type != "cpu" or chunk.requires_grad:
             return chunk
-        if self._staging is None or self._staging.numel() < chunk.numel() or self._staging.dtype != chunk.dtype:
+        if self._staging is None or self._staging.numel() < chunk.numel():
             self._staging = torch.empty(chunk.numel(), dtype=chunk.dtype)
         return self._staging[:chunk.numel()].view_as(chunk).copy_(chunk)
 
