@@ -8,6 +8,7 @@ Angles in degrees, lengths in mm, positions in patient RAS (see ``ct2x.geometry`
 
 import logging
 import time
+import warnings
 from typing import Annotated, List, Optional, Sequence, Tuple, Union
 
 import qt
@@ -307,6 +308,7 @@ class CT2XSynthLogic(ScriptedLoadableModuleLogic):
         self._rendererKey = None
         self.lastStatus = ""
         self.lastSeriesFolderName = ""
+        self.inputNotices: List[str] = []  # what ct2x changed or doubts about the last prepared CT (e.g. HU + 1024)
 
     def getParameterNode(self):
         return CT2XSynthParameterNode(super().getParameterNode())
@@ -315,6 +317,7 @@ class CT2XSynthLogic(ScriptedLoadableModuleLogic):
         """Free the cached renderer (its CT tensors), e.g. between CTs of a batch."""
         self._renderer = None
         self._rendererKey = None
+        self.inputNotices = []
 
     @staticmethod
     def availableDevices() -> List[Tuple[str, str]]:
@@ -352,6 +355,7 @@ class CT2XSynthLogic(ScriptedLoadableModuleLogic):
         from CT2XSynthLib import mrml_geometry
 
         from ct2x.drr import DRRRenderer, Physics, fitted_detector_spacing_mm
+        from ct2x.errors import CT2XWarning
         from ct2x.geometry import CArm
 
         imageData = inputVolumeNode.GetImageData()
@@ -361,13 +365,18 @@ class CT2XSynthLogic(ScriptedLoadableModuleLogic):
                device)
         if key != self._rendererKey:
             self.clearCache()  # free the previous CT before preparing the next one
-            volume = mrml_geometry.ct_volume_from_node(inputVolumeNode)
-            carm = CArm(float(sourceToDetectorMm), float(sourceToIsocenterMm))
-            spacing = float(pixelSpacingMm) if pixelSpacingMm > 0 else fitted_detector_spacing_mm(
-                volume, carm, int(detectorSizePx))  # mm
-            carm = carm.with_detector(int(detectorSizePx), spacing)
-            physics = Physics(spectrum=spectrum, noise_photons=float(noisePhotons) if noisePhotons > 0 else None)
-            self._renderer = DRRRenderer(volume, carm, physics, device=device)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", CT2XWarning)
+                volume = mrml_geometry.ct_volume_from_node(inputVolumeNode)
+                carm = CArm(float(sourceToDetectorMm), float(sourceToIsocenterMm))
+                spacing = float(pixelSpacingMm) if pixelSpacingMm > 0 else fitted_detector_spacing_mm(
+                    volume, carm, int(detectorSizePx))  # mm
+                carm = carm.with_detector(int(detectorSizePx), spacing)
+                physics = Physics(spectrum=spectrum, noise_photons=float(noisePhotons) if noisePhotons > 0 else None)
+                self._renderer = DRRRenderer(volume, carm, physics, device=device)
+            self.inputNotices = [str(warning.message) for warning in caught if warning.category is CT2XWarning]
+            for notice in self.inputNotices:
+                logging.warning(f"CT2XSynth: {notice}")
             self._rendererKey = key
         return self._renderer
 
@@ -416,6 +425,8 @@ class CT2XSynthLogic(ScriptedLoadableModuleLogic):
         if prepared:
             self.lastStatus += _(" (first render of this CT and settings: {seconds:.2f} s with preparation)").format(
                 seconds=time.perf_counter() - start)
+            for notice in self.inputNotices:
+                self.lastStatus += "\n" + _("Note: {notice}").format(notice=notice)
         logging.info(f"CT2XSynth: {self.lastStatus}")
         if showResult:
             mrml_geometry.show_film(outputVolumeNode)

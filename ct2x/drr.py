@@ -12,6 +12,7 @@ density of each material along every ray (g/cm^2), from which bone-only or bone-
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence, Tuple
@@ -20,8 +21,10 @@ import numpy as np
 import torch
 
 from .conventions import voxel_to_world
+from .device import torch_device
 from .errors import CT2XInputError
 from .geometry import CArm, View
+from .memory import check_fits, drr_peak_bytes
 from .physics import (
     MATERIALS,
     add_quantum_noise,
@@ -33,8 +36,12 @@ from .physics import (
 from .projector import SliceWarpProjector
 from .volume import CTVolume
 
+MIN_NOISE_PHOTONS = 1.0  # photons per open-field pixel; fewer leave a blank film
+MAX_NOISE_PHOTONS = 1e12  # beyond this the relative noise 1/sqrt(N) is below float32 resolution: no noise at all
 BODY_MIN_HU = -500.0  # voxels above this bound the body crop; air outside it (~0.001 g/cm^3) is left out
 CROP_MARGIN_VOXELS = 2
+#: Views a fitted detector shows the whole body in by default: the slider's horizontal sweep, (primary, secondary) deg.
+FIT_SWEEP_DEG: Tuple[Tuple[float, float], ...] = tuple((float(a), 0.0) for a in range(-90, 91, 15))
 
 
 @dataclass(frozen=True)
@@ -47,9 +54,24 @@ class Physics:
     noise_photons: Optional[float] = None  # photons per pixel for Poisson quantum noise; None = noiseless
     seed: Optional[int] = None  # noise seed: the same seed gives the same series of noisy films
 
+    def __post_init__(self) -> None:
+        if self.energy_kev is None:
+            load_spectrum(self.spectrum)  # raises for an unknown name
+        elif not (isinstance(self.energy_kev, (int, float)) and math.isfinite(self.energy_kev)):
+            raise CT2XInputError(f"energy_kev={self.energy_kev!r}: pass a photon energy in keV (e.g. 50)")
+        else:
+            mass_attenuation_at(self.energy_kev)  # raises outside the tables' energies
+        if self.noise_photons is not None and not MIN_NOISE_PHOTONS <= self.noise_photons <= MAX_NOISE_PHOTONS:
+            raise CT2XInputError(
+                f"noise_photons={self.noise_photons!r}: photons per pixel must lie between {MIN_NOISE_PHOTONS:g} "
+                f"(fewer leave a blank film) and {MAX_NOISE_PHOTONS:g} (more add no visible noise); DeepDRR's "
+                "default is 1e4, or leave it out for a noiseless film")
+        if self.seed is not None and not (isinstance(self.seed, (int, np.integer)) and 0 <= self.seed < 2**64):
+            raise CT2XInputError(f"seed={self.seed!r}: the noise seed must be a whole number from 0 to 2^64 - 1")
+
     def describe(self) -> dict:
         """JSON-serialisable record of these settings."""
-        return {"spectrum": None if self.energy_kev else self.spectrum, "energy_kev": self.energy_kev,
+        return {"spectrum": None if self.energy_kev is not None else self.spectrum, "energy_kev": self.energy_kev,
                 "detector": "energy-integrating" if self.energy_weighted else "photon-counting",
                 "noise_photons_per_pixel": self.noise_photons, "noise_seed": self.seed}
 
@@ -69,6 +91,8 @@ class Radiograph:
         """Attenuation image with only `materials` present, e.g. ("bone",) or ("air", "soft_tissue")."""
         if not self.area_density_g_cm2 or self.spectrum_name is None:
             raise CT2XInputError("material images need the polychromatic path (Physics(energy_kev=None))")
+        if isinstance(materials, str):
+            materials = (materials,)
         unknown = set(materials) - set(MATERIALS)
         if unknown:
             raise CT2XInputError(f"unknown materials {sorted(unknown)}; choose from {MATERIALS}")
@@ -88,9 +112,20 @@ def auto_window(attenuation: np.ndarray, low_percentile: float = 0.5, high_perce
     return float(low), float(max(high, low + 1e-3))
 
 
+def check_window(window: Tuple[float, float]) -> Tuple[float, float]:
+    """`window` as two floats (low, high) of attenuation, or CT2XInputError unless both are finite and low < high."""
+    try:
+        low, high = (float(w) for w in window)
+    except (TypeError, ValueError):
+        raise CT2XInputError(f"window {window!r}: pass two numbers (low, high) of attenuation") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise CT2XInputError(f"window {window!r}: low and high must be finite, with low below high (e.g. 0.5 4.0)")
+    return low, high
+
+
 def to_display(attenuation: np.ndarray, window: Tuple[float, float]) -> np.ndarray:
     """Attenuation -> uint8 with `window` (low, high) mapped to 0 and 255; higher attenuation is brighter."""
-    low, high = window
+    low, high = check_window(window)
     scaled = (attenuation - low) / (high - low)
     return np.round(np.clip(scaled, 0.0, 1.0) * 255.0).astype(np.uint8)
 
@@ -108,19 +143,21 @@ class DRRRenderer:
         self.volume = volume
         self.carm = carm or CArm()
         self.physics = physics or Physics()
-        self.device = torch.device(device)
-        self.window = window
+        self.device = torch_device(device)
+        self.window = None if window is None else check_window(window)
         self.isocenter_ras = volume.center_ras
-        self._spectrum = None if self.physics.energy_kev else load_spectrum(self.physics.spectrum)
-        if self.physics.noise_photons is not None and self.physics.noise_photons <= 0:
-            raise CT2XInputError(f"noise photon count {self.physics.noise_photons} must be positive")
+        self._spectrum = None if self.physics.energy_kev is not None else load_spectrum(self.physics.spectrum)
         self._generator = None
         if self.physics.seed is not None:
-            self._generator = torch.Generator(device=self.device).manual_seed(int(self.physics.seed))
+            self._generator = torch.Generator(device=self.device).manual_seed(self.physics.seed)
 
         hu, affine = _crop_to_body(volume)
+        check_fits(drr_peak_bytes(hu.size, self.carm.detector.width_px * self.carm.detector.height_px),
+                   f"{volume.source or 'CT'}: preparing {hu.shape[::-1]} body voxels for a "
+                   f"{self.carm.detector.width_px}x{self.carm.detector.height_px} px detector",
+                   "resample the CT to coarser voxels (e.g. 1 mm), crop it, or use a smaller detector")
         densities = material_densities(torch.from_numpy(hu).to(self.device))  # (3, K, J, I) g/cm^3
-        if self.physics.energy_kev:
+        if self.physics.energy_kev is not None:
             # Fast path: one channel of linear attenuation at one energy, 1/cm -> the projector integrates mm.
             mu_rho = torch.as_tensor(mass_attenuation_at(self.physics.energy_kev)).to(densities)  # (3,) cm^2/g
             channels = torch.einsum("m,mkji->kji", mu_rho, densities)[None]  # (1, K, J, I) 1/cm
@@ -161,17 +198,58 @@ class DRRRenderer:
                           None if self._spectrum is None else self._spectrum.name)
 
 
-def body_extent_mm(volume: CTVolume) -> float:
-    """Largest edge (mm) of the RAS-axis box around the body (voxels above BODY_MIN_HU) - for fitting a detector."""
-    hu, affine = _crop_to_body(volume)
-    corners = np.stack(np.meshgrid(*[[-0.5, n - 0.5] for n in hu.shape[::-1]], indexing="ij"), -1).reshape(-1, 3)
-    corners_ras = voxel_to_world(affine, corners)
-    return float((corners_ras.max(0) - corners_ras.min(0)).max())
+def body_outline_ras(volume: CTVolume, max_cells_per_axis: int = 48) -> np.ndarray:
+    """(N, 3) RAS mm corners of the coarse cells on the body's surface (voxels above BODY_MIN_HU).
+
+    The grid is divided into at most `max_cells_per_axis` cells per axis; a cell holding any body voxel counts as
+    body, so the corners of its surface cells enclose the body (to within one cell) at any viewing angle.
+    """
+    body = volume.hu > BODY_MIN_HU  # (K, J, I) bool
+    if not body.any():
+        body = np.ones_like(body)  # no body: the whole grid
+    cell = np.array([-(-n // max_cells_per_axis) for n in body.shape])  # voxels per cell along K, J, I
+    n_cells = -(-np.array(body.shape) // cell)  # cells along K, J, I
+    padded = np.zeros(n_cells * cell, dtype=np.uint8)
+    padded[: body.shape[0], : body.shape[1], : body.shape[2]] = body
+    blocks = torch.from_numpy(padded).reshape(n_cells[0], cell[0], n_cells[1], cell[1], n_cells[2], cell[2])
+    cells = blocks.amax(dim=5).amax(dim=3).amax(dim=1).numpy().astype(bool)  # (K', J', I') any body voxel
+    inner = np.zeros_like(cells)  # cells whose 6 neighbours are body too
+    inner[1:-1, 1:-1, 1:-1] = cells[1:-1, 1:-1, 1:-1] & cells[:-2, 1:-1, 1:-1] & cells[2:, 1:-1, 1:-1] \
+        & cells[1:-1, :-2, 1:-1] & cells[1:-1, 2:, 1:-1] & cells[1:-1, 1:-1, :-2] & cells[1:-1, 1:-1, 2:]
+    surface = cells & ~inner
+    corners = np.zeros(n_cells + 1, dtype=bool)  # (K'+1, J'+1, I'+1) cell-corner lattice
+    for dk in (0, 1):
+        for dj in (0, 1):
+            for di in (0, 1):
+                corners[dk:dk + n_cells[0], dj:dj + n_cells[1], di:di + n_cells[2]] |= surface
+    corner_kji = np.minimum(np.argwhere(corners) * cell, body.shape)  # (N, 3) voxel-face index, K, J, I
+    return voxel_to_world(volume.affine, corner_kji[:, ::-1] - 0.5)
 
 
-def fitted_detector_spacing_mm(volume: CTVolume, carm: CArm, size_px: int, margin: float = 1.1) -> float:
-    """Detector pixel spacing (mm) at which `size_px` pixels show the whole body at the isocentre, with a margin."""
-    return body_extent_mm(volume) * carm.magnification * margin / size_px
+def fitted_detector_spacing_mm(volume: CTVolume, carm: CArm, size_px: int,
+                               views_deg: Optional[Sequence[Tuple[float, float]]] = None,
+                               margin: float = 1.04) -> float:
+    """Detector pixel spacing (mm) at which `size_px` pixels show the whole body in every one of `views_deg`.
+
+    `views_deg`: (primary, secondary) C-arm angles in degrees about the CT's centre; default FIT_SWEEP_DEG, the
+    slider's horizontal sweep. The body's outline is projected through each view (parts nearer the source are
+    magnified more), and `margin` leaves a border around the widest silhouette. Raises CT2XInputError when the
+    source of a view lies inside the body.
+    """
+    outline = body_outline_ras(volume)  # (N, 3) RAS mm
+    half_extent_mm = 0.0  # largest distance of the silhouette from the detector centre, mm on the detector
+    for primary, secondary in FIT_SWEEP_DEG if views_deg is None else views_deg:
+        view = carm.view(primary, secondary, volume.center_ras)
+        camera = (outline - view.source_ras) @ view.camera_to_world[:3, :3]  # (N, 3) camera axes, mm
+        if carm.beam == "cone":
+            if camera[:, 2].min() <= 0.0:
+                raise CT2XInputError(
+                    f"{volume.source or 'CT'}: at {primary:g}/{secondary:g} deg the X-ray source "
+                    f"({carm.source_to_isocenter_mm:g} mm from the CT's centre) lies inside or behind the body; "
+                    "increase the source-to-isocentre distance")
+            camera = camera[:, :2] * (carm.source_to_detector_mm / camera[:, 2:3])  # (N, 2) on the detector, mm
+        half_extent_mm = max(half_extent_mm, float(np.abs(camera[:, :2]).max()))
+    return 2.0 * half_extent_mm * margin / size_px
 
 
 def _crop_to_body(volume: CTVolume) -> Tuple[np.ndarray, np.ndarray]:

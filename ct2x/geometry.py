@@ -37,6 +37,11 @@ MOBILE_CARM_SENSOR_MM = 1536 * 0.194  # DeepDRR MobileCArm sensor edge, mm
 SOURCE_TO_DETECTOR_MM = 1020.0  # the paper's mobile C-arm (see above)
 SOURCE_TO_ISOCENTER_MM = 530.0
 DETECTOR_SIZE_PX = 256  # default detector pixels per side
+# Plausibility bounds: no X-ray system exceeds them, so values beyond are typing errors, not geometry.
+MAX_SOURCE_TO_DETECTOR_MM = 5000.0  # radiography rooms reach 1800 mm, long-distance set-ups a few metres
+PIXEL_SPACING_RANGE_MM = (0.001, 100.0)  # micro-CT detectors to a coarse preview of a whole body
+MAX_DETECTOR_PX = 16384  # per side; the largest flat panels have about 4300
+MAX_VIEWS = 3600  # angles in one series: 0.1 deg steps round a full circle
 
 #: The CT2X-GAN paper's seven views: primary -90..90 deg in 30 deg steps, secondary 0 deg.
 SEVEN_VIEWS_DEG: Tuple[Tuple[float, float], ...] = tuple((float(a), 0.0) for a in range(-90, 91, 30))
@@ -57,14 +62,20 @@ class Detector:
                                              MOBILE_CARM_SENSOR_MM / DETECTOR_SIZE_PX)
 
     def __post_init__(self) -> None:
-        if self.width_px < 1 or self.height_px < 1:
-            raise CT2XInputError(f"detector size {self.width_px}x{self.height_px} px: both must be at least 1 pixel")
-        if min(self.pixel_spacing_mm) <= 0:
-            raise CT2XInputError(f"detector pixel spacing {self.pixel_spacing_mm} mm: both must be positive")
+        for size in (self.width_px, self.height_px):
+            if not (isinstance(size, (int, np.integer)) and 1 <= size <= MAX_DETECTOR_PX):
+                raise CT2XInputError(f"detector size {self.width_px}x{self.height_px} px: each side must be a whole "
+                                     f"number of pixels from 1 to {MAX_DETECTOR_PX}")
+        low, high = PIXEL_SPACING_RANGE_MM
+        if not all(low <= spacing <= high for spacing in self.pixel_spacing_mm):
+            raise CT2XInputError(f"detector pixel spacing {self.pixel_spacing_mm} mm: each must lie between "
+                                 f"{low:g} and {high:g} mm")
 
     @classmethod
     def square(cls, size_px: int, spacing_mm: Optional[float] = None) -> Detector:
         """A square detector; spacing defaults to the mobile C-arm's 298 mm sensor spread over `size_px`."""
+        if not (isinstance(size_px, (int, np.integer)) and size_px >= 1):
+            raise CT2XInputError(f"detector size {size_px!r} px: must be a whole number of pixels, at least 1")
         spacing = MOBILE_CARM_SENSOR_MM / size_px if spacing_mm is None else float(spacing_mm)
         return cls(int(size_px), int(size_px), (spacing, spacing))
 
@@ -237,6 +248,10 @@ class CArm:
     beam: str = "cone"
 
     def __post_init__(self) -> None:
+        if not 0 < self.source_to_detector_mm <= MAX_SOURCE_TO_DETECTOR_MM:
+            raise CT2XInputError(
+                f"source-to-detector {self.source_to_detector_mm} mm: must be positive and at most "
+                f"{MAX_SOURCE_TO_DETECTOR_MM:g} mm (C-arms use about 1000 mm, chest radiography 1800 mm)")
         if not 0 < self.source_to_isocenter_mm < self.source_to_detector_mm:
             raise CT2XInputError(
                 f"source-to-isocentre {self.source_to_isocenter_mm} mm must be positive and shorter than "
@@ -279,18 +294,27 @@ class CArm:
 
 
 def parse_angles(text: str) -> List[float]:
-    """Angles in degrees from "START:STOP:STEP" (STOP included when reached) or "a,b,c" or one number."""
+    """Angles in degrees from "START:STOP:STEP" (STOP included when reached) or "a,b,c" or one number.
+
+    At most MAX_VIEWS finite angles; anything else raises CT2XInputError before a list is built.
+    """
+    usage = ("write START:STOP:STEP with a positive step and STOP >= START (e.g. -90:90:30), a comma-separated "
+             "list (e.g. 0,90) or one number")
     try:
-        if ":" in text:
-            start, stop, step = (float(x) for x in text.split(":"))
-            if step <= 0:
-                raise ValueError
-            count = int(math.floor((stop - start) / step + 1e-9)) + 1
-            if count < 1:
-                raise ValueError
-            return [start + i * step for i in range(count)]
-        return [float(x) for x in text.split(",")]
+        numbers = [float(x) for x in text.split(":" if ":" in text else ",")]
     except ValueError:
-        raise CT2XInputError(
-            f"angles {text!r}: write START:STOP:STEP with a positive step and STOP >= START (e.g. -90:90:30), "
-            "a comma-separated list (e.g. 0,90) or one number") from None
+        raise CT2XInputError(f"angles {text!r}: {usage}") from None
+    if not all(math.isfinite(x) for x in numbers):
+        raise CT2XInputError(f"angles {text!r}: angles must be finite numbers of degrees")
+    if ":" not in text:
+        count = len(numbers)
+    elif len(numbers) != 3 or numbers[2] <= 0 or numbers[1] < numbers[0]:
+        raise CT2XInputError(f"angles {text!r}: {usage}")
+    else:
+        start, stop, step = numbers
+        steps = (stop - start) / step  # may overflow to inf
+        count = int(math.floor(steps + 1e-9)) + 1 if steps < MAX_VIEWS else MAX_VIEWS + 1
+    if count > MAX_VIEWS:
+        raise CT2XInputError(f"angles {text!r}: more than {MAX_VIEWS} views; at most {MAX_VIEWS} fit in one "
+                             "series (use a larger step)")
+    return numbers if ":" not in text else [numbers[0] + i * numbers[2] for i in range(count)]

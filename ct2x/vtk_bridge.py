@@ -23,7 +23,7 @@ from vtkmodules.vtkCommonMath import vtkMatrix4x4
 
 from ct2x.errors import CT2XInputError
 from ct2x.geometry import View
-from ct2x.volume import CTVolume
+from ct2x.volume import CTVolume, interpret_stored_values
 
 if TYPE_CHECKING:  # ct2x.drr imports torch; the bridge itself needs only numpy and VTK
     from ct2x.drr import Radiograph
@@ -82,19 +82,24 @@ def vtk_from_array(array_kji: np.ndarray) -> vtkImageData:
     return image_data
 
 
-def volume_from_vtk(image_data: vtkImageData, ijk_to_ras: MatrixLike, source: str = "") -> CTVolume:
+def volume_from_vtk(
+    image_data: vtkImageData, ijk_to_ras: MatrixLike, source: str = "", stored_values: str = "auto"
+) -> CTVolume:
     """A CTVolume (HU copied to float32, KJI) from a vtkImageData and its IJK-to-RAS matrix (mm).
 
     The image data's own index-to-physical placement (extent start, spacing, origin, direction) is applied before
     `ijk_to_ras`, so data with origin 0 and spacing 1 (Slicer's) and data that carries its geometry both work.
+    `stored_values`: "auto" (HU, or HU + 1024 recognised and converted with a CT2XWarning), "hu" or "hu+1024"; see
+    `ct2x.volume.interpret_stored_values`.
     """
     name = source or "volume"
-    hu = array_from_vtk(image_data, name)  # (K, J, I)
+    values = array_from_vtk(image_data, name)  # (K, J, I) stored values
+    hu, offset = interpret_stored_values(values, stored_values, name)  # (K, J, I) float32 HU
     index_to_physical = array_from_vtk_matrix(image_data.GetIndexToPhysicalMatrix())  # structured index -> image mm
     extent_start = np.eye(4)
     extent_start[:3, 3] = image_data.GetExtent()[0::2]  # array index 0 is structured index (x0, y0, z0)
     affine = array_from_vtk_matrix(ijk_to_ras) @ index_to_physical @ extent_start  # (4, 4) ijk -> RAS mm
-    return CTVolume(hu=hu.astype(np.float32), affine=affine, source=source)
+    return CTVolume(hu=hu, affine=affine, source=source, stored_offset_hu=offset)
 
 
 def film_ijk_to_ras(view: View) -> np.ndarray:

@@ -43,7 +43,8 @@ def listing(folder: Path) -> dict:
 def test_series_files_geometry_and_sidecar(ct_file, tmp_path, capsys):
     out = tmp_path / "drr"
     # "--angles -30:30:30" as two tokens: argparse alone would take the value for an option.
-    assert main(["drr", str(ct_file), "--out", str(out), "--angles", "-30:30:30", "--spacing", "2.5"] + FAST) == 0
+    assert main(["drr", str(ct_file), "--out", str(out), "--angles", "-30:30:30", "--spacing", "2.5",
+                 "--display", "linear"] + FAST) == 0
 
     stems = ["view_000_-030.0deg", "view_001_+000.0deg", "view_002_+030.0deg"]
     assert {p.name for p in out.iterdir()} == set().union(*map(view_files, stems)) | {"overview.png", "series.json"}
@@ -61,7 +62,8 @@ def test_series_files_geometry_and_sidecar(ct_file, tmp_path, capsys):
     series = json.loads((out / "series.json").read_text(encoding="utf-8"))
     assert series["input"]["path"] == str(ct_file.resolve()) and series["input"]["shape_ijk"] == [32, 32, 32]
     assert series["physics"]["spectrum"] == "60kV" and "air, soft_tissue, bone" in series["files"]["materials_mha"]
-    low, high = series["window"]["attenuation_low_high"]
+    assert series["display"]["display"] == "linear"
+    low, high = series["display"]["attenuation_low_high"]
     assert low == min(v["auto_window"][0] for v in series["views"]) and high > low
     assert [v["geometry"]["primary_angle_deg"] for v in series["views"]] == [-30.0, 0.0, 30.0]
     for stem, view in zip(stems, series["views"]):
@@ -87,14 +89,32 @@ def test_default_phantom_and_monochromatic_path(tmp_path, capsys):
     assert series["input"]["path"] is None and series["physics"]["energy_kev"] == 60.0
     assert series["files"]["materials_mha"] is None and series["views"][0]["geometry"]["beam"] == "parallel"
     spacing = series["views"][0]["geometry"]["pixel_spacing_mm"]  # default: the phantom's 320 mm body fits
-    assert spacing[0] == spacing[1] and 320 * 1.05 < 32 * spacing[0] < 320 * 1.2
+    assert spacing[0] == spacing[1] and 320 < 32 * spacing[0] < 320 * 1.15
+
+
+def test_default_display_is_a_processed_film_per_view(ct_file, tmp_path):
+    out = tmp_path / "processed"
+    assert main(["drr", str(ct_file), "--out", str(out), "--angles", "0,90"] + FAST) == 0
+    series = json.loads((out / "series.json").read_text(encoding="utf-8"))
+    assert series["display"]["display"] == "processed" and series["display"]["unsharp_sigma_mm"] > 0
+    for view in series["views"]:
+        film = sitk.GetArrayFromImage(sitk.ReadImage(str(out / view["files"]["display_png"])))
+        assert film.max() == 255 and film.min() == 0  # every view uses the full grey range
+
+
+def test_window_belongs_to_the_linear_display(ct_file, tmp_path, capsys):
+    args = ["drr", str(ct_file), "--out", str(tmp_path / "w"), "--window", "0.5", "3"] + FAST
+    assert main(args) == 0
+    assert json.loads((tmp_path / "w" / "series.json").read_text(encoding="utf-8"))["display"]["display"] == "linear"
+    assert main(args[:3] + [str(tmp_path / "w2"), "--display", "processed"] + args[4:]) == 2
+    assert "--window" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, problem", [
     (["missing.nii.gz"], "does not exist"),
     (["--angles", "1:x"], "--angles"),
     (["--angles", "30:-30:10"], "--angles"),
-    (["--sid", "1100", "--sdd", "1020"], "--sid/--sdd"),
+    (["--sid", "1100", "--sdd", "1020"], "--sid"),
     (["--spectrum", "80kV"], "--spectrum"),
     (["--noise", "0"], "--noise"),
     (["--size", "-3"], "--size"),
@@ -122,7 +142,7 @@ def test_series_needs_a_dicom_folder(tmp_path, capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cuda_on_cpu_only_machine(ct_file, tmp_path, capsys):
     assert main(["drr", str(ct_file), "--out", str(tmp_path / "drr"), "--device", "cuda"] + FAST) == 2
-    assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+    assert "--device: device 'cuda': CUDA is not available" in capsys.readouterr().err
 
 
 def test_non_empty_out_needs_overwrite(ct_file, tmp_path, capsys):

@@ -5,8 +5,9 @@ Writes, per view i at primary angle a, `view_{i:03d}_{a:+06.1f}deg.png` (8-bit d
 (float32 area densities in g/cm^2, 3 slices: air, soft tissue, bone); plus `series.json` (input, physics, window,
 every view's files and full geometry with its 25-number pose label) and `overview.png` (all views, labelled).
 
-The series is rendered into `DIR.partial-<pid>` next to DIR and moved into place only when complete, so DIR is
-either the previous series untouched or the new one whole.
+Output goes through `ct2x.output_folder.OutputFolder`: the series is rendered into a staging folder that also locks
+DIR against a second run, and moved into place only when complete, so DIR is either as it was or the new series
+whole; `--overwrite` replaces only an earlier ct2x output. Options are all checked before the CT is read.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Tuple
@@ -26,7 +27,9 @@ from typing import Dict, Iterator, List, Tuple
 import numpy as np
 
 from ct2x import __version__
+from ct2x.errors import CT2XInputError
 from ct2x.geometry import DETECTOR_SIZE_PX, SOURCE_TO_DETECTOR_MM, SOURCE_TO_ISOCENTER_MM
+from ct2x.output_folder import OutputFolder
 
 DEFAULT_ANGLES = "-90:90:30"  # the CT2X-GAN paper's seven views, degrees
 OVERVIEW_MAX_WIDTH_PX = 2000
@@ -41,8 +44,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "built-in chest phantom when no CT is given. Angles in degrees, lengths in mm.")
     parser.add_argument("ct", nargs="?", metavar="CT",
                         help="CT file or DICOM folder (default: the built-in anatomical chest phantom)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created; must be new or empty)")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="output folder (created; must be new, empty or, with --overwrite, an earlier ct2x output)")
     parser.add_argument("--series", metavar="UID", help="SeriesInstanceUID when the DICOM folder holds several")
+    parser.add_argument("--stored-values", choices=("auto", "hu", "hu+1024"), default="auto",
+                        help="what the CT file stores: Hounsfield units, or HU + 1024 as X2CT-GAN's files do "
+                             "(default %(default)s: recognised from the values, with a notice)")
     parser.add_argument("--angles", default=DEFAULT_ANGLES, metavar="ANGLES",
                         help="primary C-arm angles, deg: START:STOP:STEP, a,b,c or one number (0 = AP, +90 = left "
                              "lateral; default %(default)s)")
@@ -66,72 +73,52 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="add Poisson quantum noise with this many photons per pixel (default: noiseless)")
     parser.add_argument("--seed", type=int, metavar="N", help="noise seed: the same seed gives the same images")
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N (default %(default)s)")
+    parser.add_argument("--display", choices=("processed", "linear"),
+                        help="8-bit films: processed like a clinical radiograph (local contrast, edge enhancement; "
+                             "the default) or linear (one window for the series; the default with --window); "
+                             "the float attenuation files are the same either way")
     parser.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                        help="attenuation shown as black and white (default: one auto window for the whole series)")
+                        help="linear display: attenuation shown as black and white (default: one auto window for the "
+                             "whole series)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace a non-empty DIR (only once the new series is complete)")
+                        help="replace an earlier ct2x output in DIR (only once the new series is complete; "
+                             "folders ct2x did not write are never replaced)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm import tqdm
+    from ct2x.drr import DRRRenderer, auto_window, fitted_detector_spacing_mm, to_display
+    from ct2x.film import FilmProcessing, process_film
+    from ct2x.io import save_image, save_png
+    from ct2x.physics import MATERIALS
 
-    from ct2x.drr import DRRRenderer, Physics, auto_window, fitted_detector_spacing_mm, to_display
-    from ct2x.errors import CT2XInputError
-    from ct2x.geometry import CArm, parse_angles
-    from ct2x.io import load_ct, save_image
-    from ct2x.physics import MATERIALS, load_spectrum
+    output = OutputFolder(args.out, overwrite=args.overwrite, name=f"--out {args.out}",
+                          keep=[Path.cwd()] + ([] if args.ct is None else [Path(args.ct)]))
+    output.check()  # claimed for real only once the CT is read, just before rendering
+    out = output.path
+    angles, carm, physics, device = _settings(args)
+    display_mode = args.display or ("linear" if args.window is not None else "processed")
 
-    out = _output_folder(args.out, args.overwrite)
-    _check_overwrite_keeps(out, [Path.cwd()] + ([] if args.ct is None else [Path(args.ct)]), args.overwrite)
-    with _option("--angles"):
-        angles = parse_angles(args.angles)  # primary angles, deg
-    with _option("--secondary"):
-        if not abs(args.secondary) < 90:
-            raise CT2XInputError(f"{args.secondary} deg: the secondary angle must lie strictly between -90 and 90")
-    if args.window is not None and not args.window[0] < args.window[1]:
-        raise CT2XInputError(f"--window {args.window[0]} {args.window[1]}: LOW must be smaller than HIGH")
-    with _option("--sid/--sdd"):
-        carm = CArm(args.sdd, args.sid, beam=args.beam).with_detector(args.size, args.spacing)
-    with _option("--spectrum"):
-        spectrum = load_spectrum(args.spectrum or "60kV").name
-    physics = Physics(spectrum=spectrum, energy_kev=args.energy, noise_photons=args.noise, seed=args.seed)
-    device = _check_device(args.device, torch)
-
+    progress = _Progress(len(angles), quiet=args.quiet)
     start = time.perf_counter()
-    if args.ct is None:
-        if args.series is not None:
-            raise CT2XInputError("--series: choosing a DICOM series needs a CT folder; pass it before --out")
-        from ct2x.phantoms import chest
-
-        volume = chest()
-        print("ct2x drr: no CT given; rendering the built-in anatomical chest phantom (ct2x.phantoms.chest(), "
-              f"{volume.shape_ijk[0]}^3 voxels of {volume.spacing_mm[0]:g} mm)", file=sys.stderr)
-    else:
-        try:
-            volume = load_ct(args.ct, series_uid=args.series)
-        except CT2XInputError as error:
-            if "series_uid=" not in str(error):
-                raise
-            raise CT2XInputError(f"{error}\n(on the command line, series_uid=UID is --series UID)") from None
+    with progress.stage("reading CT"):
+        volume = _read_volume(args)
     load_seconds = time.perf_counter() - start
     if args.spacing is None:
-        carm = carm.with_detector(args.size, fitted_detector_spacing_mm(volume, carm, args.size))
+        with _option("--sid"):
+            carm = carm.with_detector(args.size, fitted_detector_spacing_mm(
+                volume, carm, args.size, [(angle, args.secondary) for angle in angles]))
 
-    partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)  # left by an earlier run killed with this same process id
-    partial.mkdir(parents=True)
-    try:
-        renderer = DRRRenderer(volume, carm, physics, device=str(device),
-                               window=None if args.window is None else tuple(args.window))
+    with output as partial:  # published when the block ends; any exception leaves DIR as it was
+        with progress.stage("preparing CT"):
+            renderer = DRRRenderer(volume, carm, physics, device=str(device),
+                                   window=None if args.window is None else tuple(args.window))
         stems = [f"view_{i:03d}_{angle:+06.1f}deg" for i, angle in enumerate(angles)]
         attenuations: List[np.ndarray] = []  # (H, W) float32 each, kept to window the whole series at the end
         view_records: List[dict] = []
         render_seconds: List[float] = []
-        for stem, angle in tqdm(list(zip(stems, angles)), desc="ct2x drr", unit="view", file=sys.stderr,
-                                disable=args.quiet):
+        for stem, angle in progress.views(list(zip(stems, angles))):
             tic = time.perf_counter()
             radiograph = renderer.render(angle, args.secondary)
             render_seconds.append(time.perf_counter() - tic)
@@ -153,22 +140,29 @@ def run(args: argparse.Namespace) -> int:
             window = (min(w[0] for w in windows), max(w[1] for w in windows))  # one window for the series
         else:
             window = tuple(args.window)
-        displays = [to_display(attenuation, window) for attenuation in attenuations]  # (H, W) uint8 each
+        if display_mode == "processed":
+            displays = [process_film(attenuation, carm.detector.pixel_spacing_mm) for attenuation in attenuations]
+        else:
+            displays = [to_display(attenuation, window) for attenuation in attenuations]  # (H, W) uint8 each
         for record, display in zip(view_records, displays):
-            _write_png(display, partial / record["files"]["display_png"])
-        _write_png(_contact_sheet(displays, angles), partial / "overview.png")
+            save_png(display, partial / record["files"]["display_png"])
+        save_png(_contact_sheet(displays, angles), partial / "overview.png")
         series = {
             "created_by": f"ct2x {__version__} drr",
             "input": {"path": None if args.ct is None else str(Path(args.ct).expanduser().resolve()),
                       "description": volume.source, "dicom_series_uid": args.series,
+                      "stored_offset_hu": volume.stored_offset_hu,
                       "shape_ijk": list(volume.shape_ijk), "spacing_mm": volume.spacing_mm.tolist(),
                       "affine_ijk_to_ras_mm": volume.affine.tolist()},
             "physics": physics.describe(),
             "device": str(device),
-            "window": {"attenuation_low_high": [float(w) for w in window],
-                       "source": "--window" if args.window is not None else
-                       "auto: lowest low and highest high of the per-view auto windows"},
-            "files": {"display_png": "uint8, attenuation windowed to 0..255, bone bright, radiological display",
+            "display": (FilmProcessing().describe() if display_mode == "processed" else
+                        {"display": "linear", "attenuation_low_high": [float(w) for w in window],
+                         "window_source": "--window" if args.window is not None else
+                         "auto: lowest low and highest high of the per-view auto windows"}),
+            "files": {"display_png": ("uint8, bone bright, radiological display; " +
+                                      ("processed like a clinical film, each view to its own range"
+                                       if display_mode == "processed" else "attenuation windowed to 0..255")),
                       "attenuation_mha": "float32 -ln(I / I_open), unitless; pixel spacing in mm",
                       "materials_mha": (None if physics.energy_kev else
                                         f"float32 area density, g/cm^2; 3 slices k = 0, 1, 2 = {', '.join(MATERIALS)}"),
@@ -179,15 +173,121 @@ def run(args: argparse.Namespace) -> int:
             "views": view_records,
         }
         (partial / "series.json").write_text(json.dumps(series, indent=2) + "\n")
-        _move_into_place(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
 
     print(f"ct2x drr: {len(angles)} view{'s' * (len(angles) != 1)} in {out} (see overview.png and series.json)\n"
           f"  CT preparation {renderer.preparation_seconds:.2f} s once, then {statistics.median(render_seconds):.3f} "
           f"s per view (median) on {device}")
     return 0
+
+
+def _settings(args: argparse.Namespace):
+    """(angles, C-arm, physics, torch device) from the options, each checked before any work is done."""
+    from ct2x.device import torch_device
+    from ct2x.drr import Physics, check_window
+    from ct2x.geometry import CArm, parse_angles
+    from ct2x.memory import VIEW_BYTES_PER_PIXEL, check_fits, drr_peak_bytes
+
+    with _option("--angles"):
+        angles = parse_angles(args.angles)  # primary angles, deg
+    with _option("--secondary"):
+        if not abs(args.secondary) < 90:
+            raise CT2XInputError(f"{args.secondary} deg: the secondary angle must lie strictly between -90 and 90")
+    with _option("--window"):
+        if args.window is not None:
+            check_window(args.window)
+            if args.display == "processed":
+                raise CT2XInputError("sets the linear display's window; --display processed chooses each view's "
+                                     "range itself (leave one of them out)")
+    with _options({"source-to-detector": "--sdd", "source-to-isocentre": "--sid", "detector size": "--size",
+                   "detector pixel spacing": "--spacing"}):
+        carm = CArm(args.sdd, args.sid, beam=args.beam).with_detector(args.size, args.spacing)
+    with _options({"spectrum": "--spectrum", "energy_kev": "--energy", "noise_photons": "--noise",
+                   "seed": "--seed"}):
+        physics = Physics(spectrum=args.spectrum or "60kV", energy_kev=args.energy, noise_photons=args.noise,
+                          seed=args.seed)
+    with _option("--device"):
+        device = torch_device(args.device)
+    with _option("--size"):
+        check_fits(drr_peak_bytes(0, args.size**2, len(angles)), f"{len(angles)} views of {args.size}^2 px",
+                   f"use a smaller --size (each pixel of a view in flight takes about {VIEW_BYTES_PER_PIXEL} bytes)")
+    return angles, carm, physics, device
+
+
+def _read_volume(args: argparse.Namespace):
+    """The CT named on the command line, or the built-in chest phantom."""
+    from ct2x.io import load_ct
+
+    if args.ct is None:
+        if args.series is not None:
+            raise CT2XInputError("--series: choosing a DICOM series needs a CT folder; pass it before --out")
+        from ct2x.phantoms import chest
+
+        volume = chest()
+        tqdm_write("ct2x drr: no CT given; rendering the built-in anatomical chest phantom (ct2x.phantoms.chest(), "
+                   f"{volume.shape_ijk[0]}^3 voxels of {volume.spacing_mm[0]:g} mm)")
+        return volume
+    try:
+        return load_ct(args.ct, series_uid=args.series, stored_values=args.stored_values)
+    except CT2XInputError as error:
+        if "series_uid=" not in str(error):
+            raise
+        raise CT2XInputError(f"{error}\n(on the command line, series_uid=UID is --series UID)") from None
+
+
+def tqdm_write(message: str) -> None:
+    """Print a line to stderr without breaking a progress bar on the terminal."""
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+
+
+class _Progress:
+    """One progress bar for the whole run, shown from the first second: reading and preparing the CT, then views.
+
+    While a long step runs, a background thread redraws the bar twice a second so the elapsed time keeps moving.
+    """
+
+    REFRESH_SECONDS = 0.5
+
+    def __init__(self, n_views: int, quiet: bool):
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=n_views, desc="ct2x drr: starting", unit="view", file=_own_stderr(), disable=quiet,
+                         dynamic_ncols=True)
+
+    @contextlib.contextmanager
+    def stage(self, description: str) -> Iterator[None]:
+        """Show `description` while the block runs, with a ticking clock."""
+        self._bar.set_description(f"ct2x drr: {description}")
+        stop = threading.Event()
+        ticker = threading.Thread(target=self._tick, args=(stop,), daemon=True)
+        ticker.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            ticker.join()
+
+    def views(self, items: list) -> Iterator:
+        """Iterate over `items`, one bar step per view."""
+        self._bar.set_description("ct2x drr: rendering")
+        self._bar.reset()  # rate and time left from the views alone
+        for item in items:
+            yield item
+            self._bar.update(1)
+        self._bar.close()
+
+    def _tick(self, stop: threading.Event) -> None:
+        while not stop.wait(self.REFRESH_SECONDS):
+            self._bar.refresh()
+
+
+def _own_stderr():
+    """A stream on a copy of file descriptor 2, so the bar still shows while a reader silences ITK's stderr."""
+    try:
+        return os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1)
+    except (AttributeError, OSError, ValueError):  # stderr replaced by an object without a descriptor (e.g. tests)
+        return sys.stderr
 
 
 def _positive(kind: type):
@@ -207,81 +307,23 @@ def _positive(kind: type):
 @contextlib.contextmanager
 def _option(name: str) -> Iterator[None]:
     """Prefix input errors raised by the core with the command-line option that caused them."""
-    from ct2x.errors import CT2XInputError
-
     try:
         yield
     except CT2XInputError as error:
         raise CT2XInputError(f"{name}: {error}") from None
 
 
-def _check_device(name: str, torch):
-    """A torch.device for --device, or an input error saying why it cannot be used here."""
-    from ct2x.errors import CT2XInputError
-
+@contextlib.contextmanager
+def _options(names: Dict[str, str]) -> Iterator[None]:
+    """Name the command-line option of an input error that starts with a core parameter name, e.g. noise_photons."""
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise CT2XInputError(f"--device {name!r}: not a device; use cpu, cuda or cuda:N") from None
-    if device.type == "cpu":
-        return device
-    if device.type != "cuda":
-        raise CT2XInputError(f"--device {name!r}: only cpu and cuda devices are supported")
-    if not torch.cuda.is_available():
-        reason = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-        raise CT2XInputError(f"--device {name}: CUDA is not available ({reason}); use --device cpu")
-    if device.index is not None and device.index >= torch.cuda.device_count():
-        raise CT2XInputError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here, "
-                             f"numbered from 0")
-    return device
-
-
-def _output_folder(text: str, overwrite: bool) -> Path:
-    """Absolute output folder; an input error if it is a file, or non-empty without --overwrite."""
-    from ct2x.errors import CT2XInputError
-
-    out = Path(text).expanduser().resolve()
-    if out.parent == out:
-        raise CT2XInputError(f"--out {text}: is a filesystem root; choose a folder for the images")
-    if out.exists() and not out.is_dir():
-        raise CT2XInputError(f"--out {text}: is a file; choose a folder for the images")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise CT2XInputError(f"--out {text}: folder exists and is not empty; choose a new folder or pass "
-                             "--overwrite to replace its contents")
-    return out
-
-
-def _check_overwrite_keeps(out: Path, keep: List[Path], overwrite: bool) -> None:
-    """--overwrite must not delete the working directory or the input CT along with the old series."""
-    from ct2x.errors import CT2XInputError
-
-    if not (overwrite and out.is_dir()):
-        return
-    for path in (p.expanduser().resolve() for p in keep):
-        if path == out or out in path.parents:
-            raise CT2XInputError(f"--out {out}: replacing it would delete {path}; choose another folder")
-
-
-def _move_into_place(partial: Path, out: Path) -> None:
-    """Rename the finished series to `out`; an existing `out` is swapped out first and deleted only afterwards."""
-    if not out.exists():
-        os.replace(partial, out)
-        return
-    previous = out.with_name(f"{out.name}.replaced-{os.getpid()}")
-    os.replace(out, previous)
-    try:
-        os.replace(partial, out)
-    except BaseException:
-        os.replace(previous, out)
+        yield
+    except CT2XInputError as error:
+        message = str(error)
+        for parameter, option in names.items():
+            if message.startswith(parameter):
+                raise CT2XInputError(f"{option}: {message}") from None
         raise
-    shutil.rmtree(previous)
-
-
-def _write_png(image: np.ndarray, path: Path) -> None:
-    """(H, W) uint8 -> 8-bit greyscale PNG (SimpleITK; no imaging library needed)."""
-    import SimpleITK as sitk
-
-    sitk.WriteImage(sitk.GetImageFromArray(image), str(path))
 
 
 def _contact_sheet(displays: List[np.ndarray], angles: List[float]) -> np.ndarray:
