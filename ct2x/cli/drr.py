@@ -321,6 +321,8 @@ def _options(names: Dict[str, str]) -> Iterator[None]:
     except CT2XInputError as error:
         message = str(error)
         for parameter, option in names.items():
+            if message.startswith(f"{parameter}="):  # "noise_photons=0.5: ..." -> "--noise 0.5: ..."
+                raise CT2XInputError(f"{option} {message[len(parameter) + 1:]}") from None
             if message.startswith(parameter):
                 raise CT2XInputError(f"{option}: {message}") from None
         raise
