@@ -101,6 +101,11 @@ def _grid_affine(volume: CTVolume, spacing_mm: float, shape_ijk: np.ndarray, cen
     return affine
 
 
+def resample_onto(volume: CTVolume, affine: np.ndarray, shape_ijk: Sequence[int], order: str = "linear") -> CTVolume:
+    """The volume resampled onto the grid `affine` (voxel ijk -> RAS mm) of `shape_ijk` voxels; outside is -1024 HU."""
+    return _resample(volume, np.asarray(affine, dtype=np.float64), np.asarray(shape_ijk), order)
+
+
 def _resample(volume: CTVolume, affine: np.ndarray, shape_ijk: np.ndarray, order: str) -> CTVolume:
     if order not in INTERPOLATORS:
         raise CT2XInputError(f"order must be one of {', '.join(INTERPOLATORS)}, got {order!r}.")
@@ -114,7 +119,7 @@ def _resample(volume: CTVolume, affine: np.ndarray, shape_ijk: np.ndarray, order
     resampler.SetDefaultPixelValue(OUTSIDE_HU)
     resampler.SetOutputPixelType(sitk.sitkFloat32)
     hu = sitk.GetArrayFromImage(resampler.Execute(volume.to_sitk()))  # (K, J, I) float32 HU
-    return CTVolume(hu=hu, affine=affine, source=volume.source)
+    return CTVolume(hu=hu, affine=affine, source=volume.source, stored_offset_hu=volume.stored_offset_hu)
 
 
 def _positive(value: float, name: str) -> float:
