@@ -52,6 +52,7 @@ from typing import Iterable, Iterator, List, Optional, Union
 
 from ct2x import __version__
 from ct2x.errors import CT2XInputError, CT2XWarning
+from ct2x.text import size_text
 
 try:
     import fcntl
@@ -436,15 +437,7 @@ def _describe(folder: Path, entries: List[str]) -> str:
     if not sizes:
         return f"holds only empty folders ({examples})"
     count = f"over {COUNT_LIMIT}" if len(sizes) == COUNT_LIMIT else str(len(sizes))
-    return f"holds {count} file{'s' * (len(sizes) != 1)} ({_size_text(sum(sizes))}), e.g. {examples}"
-
-
-def _size_text(size: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if size < 1000:
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} TB"
+    return f"holds {count} file{'s' * (len(sizes) != 1)} ({size_text(sum(sizes))}), e.g. {examples}"
 
 
 def _mode(path: Path) -> int:

@@ -5,9 +5,10 @@
         [--sdd MM] [--sid MM] [--spectrum 60kV|90kV|120kV] [--noise PHOTONS] [--device cpu|cuda:N]
 
 Every CT file in --input (NRRD, NIfTI, MHA/MHD; a folder is searched recursively) is loaded, rendered at each
-horizontal angle and written as OUTPUT/<ct name>/<ct name>_<angle>deg.nrrd: a float32 single-slice volume of the
-attenuation -ln(I / I0) with the detector pixel spacing, placed on the detector plane (RAS mm), as the module makes
-it. A CT that fails is reported on stderr and skipped; the others still run.
+horizontal angle and written as OUTPUT/<ct name>/<ct name>_<angle>deg/<ct name>_<angle>deg.nrrd: a float32
+single-slice volume of the attenuation -ln(I / I0) with the detector pixel spacing, placed on the detector plane
+(RAS mm), as the module makes it. Each film has a folder of its own (see `film_path`). A CT that fails is reported
+on stderr and skipped; the others still run.
 Exit status: 0 every CT succeeded, 1 at least one failed (or none was found), 2 bad arguments.
 """
 
@@ -66,19 +67,29 @@ def stem(path: Path) -> str:
     return path.stem
 
 
+def film_path(output: Path, ctName: str, primaryDeg: float) -> Path:
+    """OUTPUT/<ct name>/<ct name>_<angle>deg/<ct name>_<angle>deg.nrrd: every film alone in its folder.
+
+    Slicer loads a single-slice file together with the files beside it whose names differ from its own in one run
+    of digits only (vtkITK's archetype series detection, itk::ArchetypeSeriesFileNames), as one multi-slice volume:
+    films of one CT side by side, "+000.0deg" and "+090.0deg", would load as one two-slice volume.
+    """
+    filmName = f"{ctName}_{primaryDeg:+06.1f}deg"
+    return output / ctName / filmName / f"{filmName}.nrrd"
+
+
 def render_ct(logic, path: Path, output: Path, args: argparse.Namespace, angles: List[float]) -> int:
     """Render one CT at every angle into output/<stem>/; returns the number of films written."""
     ctNode = slicer.util.loadVolume(str(path), {"show": False})
     filmNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{stem(path)} X-ray")
-    folder = output / stem(path)
-    folder.mkdir(parents=True, exist_ok=True)
     try:
         for primaryDeg in angles:
             logic.process(ctNode, filmNode, primaryDeg, args.secondary, spectrum=args.spectrum,
                           noisePhotons=args.noise, sourceToDetectorMm=args.sdd, sourceToIsocenterMm=args.sid,
                           detectorSizePx=args.size, pixelSpacingMm=args.spacing, device=args.device,
                           showResult=False)
-            filmPath = folder / f"{stem(path)}_{primaryDeg:+06.1f}deg.nrrd"
+            filmPath = film_path(output, stem(path), primaryDeg)
+            filmPath.parent.mkdir(parents=True, exist_ok=True)
             if not slicer.util.saveNode(filmNode, str(filmPath)):
                 raise RuntimeError(f"could not write {filmPath}")
         return len(angles)

@@ -12,9 +12,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from ct2x.errors import CT2XInputError, CT2XWarning
-from ct2x.io.file_checks import size_text
 from ct2x.io.formats import SUPPORTED
 from ct2x.io.native_output import quietly, sitk_reason, warn_native_output
+from ct2x.text import size_text
 from ct2x.volume import CTVolume
 
 SLICE_SPACING_RTOL = 0.01  # DICOM slice positions may deviate this much (relative) from even spacing

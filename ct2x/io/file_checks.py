@@ -24,6 +24,7 @@ import SimpleITK as sitk
 
 from ct2x.errors import CT2XInputError
 from ct2x.io.formats import READ_FORMATS
+from ct2x.text import size_text
 from ct2x.volume import non_finite_error
 
 CHUNK_BYTES = 1 << 22  # files are checked in pieces of this many (decompressed) bytes
@@ -248,16 +249,6 @@ def incomplete_error(
         "declares "
         f"({math.floor(100 * present / declared)} %){detail}. Was a download or copy interrupted? Copy the file again."
     )
-
-
-def size_text(n_bytes: int) -> str:
-    """Bytes in decimal units: 950 bytes, 65.5 kB, 12.1 MB, 1.2 GB."""
-    if n_bytes < 1000:
-        return f"{n_bytes} bytes"
-    for unit, scale in (("kB", 1e3), ("MB", 1e6), ("GB", 1e9)):
-        if n_bytes < 1000 * scale or unit == "GB":
-            return f"{n_bytes / scale:.1f} {unit}"
-    raise AssertionError("unreachable")
 
 
 # After ITK fails to read a file: say what is wrong with it, from its header.

@@ -14,9 +14,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from ct2x.errors import CT2XInputError
-from ct2x.io.file_checks import size_text
 from ct2x.io.formats import format_suffix
 from ct2x.io.native_output import quietly, sitk_reason
+from ct2x.text import size_text
 from ct2x.volume import CTVolume
 
 PathLike = Union[str, os.PathLike]

@@ -1,0 +1,92 @@
+"""One training run's settings, saved with the run as `config.json`; every hyper-parameter lives here.
+
+The trainer knows networks only by kind and configuration (built through `ct2x.models.architectures`); `RECIPES`
+names the networks and the objective of each model the command line can train.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+from ct2x.errors import CT2XInputError
+
+CONFIG_FILE = "config.json"  # a run folder's settings
+RECIPES: Dict[str, Dict[str, Any]] = {  # model name -> what to train (objective, generator, discriminator, films)
+    "x2ct": {"objective": "recon-gan", "generator": "x2ct-biplanar", "discriminator": "patch-discriminator-3d",
+             "films": ("pa", "lateral")},
+    "x2ct-single": {"objective": "recon-gan", "generator": "x2ct-single", "discriminator": "patch-discriminator-3d",
+                    "films": ("pa",)},
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of a run. Steps count generator updates (one batch each); lengths of time are in steps."""
+
+    model: str = "x2ct"  # a RECIPES name
+    data: str = ""  # folder made by `ct2x prepare recon`
+    generator_config: Dict[str, Any] = field(default_factory=dict)  # constructor keywords ({} = the full network)
+    discriminator_config: Dict[str, Any] = field(default_factory=dict)
+    steps: int = 1000  # total generator updates
+    decay_steps: int = 500  # the learning rate falls linearly to 0 over the last `decay_steps` (X2CT: half)
+    batch_size: int = 1  # per process
+    learning_rate: float = 2e-4  # Adam, generator and discriminator (X2CT-GAN's)
+    betas: Tuple[float, float] = (0.5, 0.99)
+    gan_weight: float = 0.1  # loss weights (X2CT-GAN's): LSGAN ...
+    voxel_weight: float = 10.0  # ... voxel MSE ...
+    projection_weight: float = 10.0  # ... projection L1
+    augment: bool = True  # re-render films on the fly (ct2x.data.recon_dataset.ReconAugmentation defaults)
+    seed: int = 0
+    workers: int = 0  # data-loading processes per training process
+    mixed_precision: bool = True  # bfloat16 autocast on CUDA (ignored on CPU)
+    log_every: int = 10
+    sample_every: int = 100  # PNG of mid slices, predicted beside true
+    checkpoint_every: int = 200
+
+    def __post_init__(self) -> None:
+        if self.model not in RECIPES:
+            raise CT2XInputError(f"model {self.model!r} is unknown; choose one of {', '.join(RECIPES)}")
+        for name in ("steps", "batch_size", "log_every", "sample_every", "checkpoint_every"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise CT2XInputError(f"{name}={getattr(self, name)!r}: must be a whole number, at least 1")
+        if not 0 <= self.decay_steps <= self.steps:
+            raise CT2XInputError(f"decay_steps={self.decay_steps}: must lie between 0 and steps ({self.steps})")
+        if not self.learning_rate > 0:
+            raise CT2XInputError(f"learning_rate={self.learning_rate}: must be positive")
+
+    @property
+    def recipe(self) -> Dict[str, Any]:
+        return RECIPES[self.model]
+
+    def learning_rate_at(self, step: int) -> float:
+        """Constant, then linear decay to 0 over the last `decay_steps` (step counted from 0)."""
+        constant = self.steps - self.decay_steps
+        return self.learning_rate * (1.0 if step < constant else 1.0 - (step - constant) / (self.decay_steps + 1))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {key: list(value) if isinstance(value, tuple) else value
+                for key, value in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise CT2XInputError(f"training configuration: unknown settings {unknown}; known: {sorted(names)}")
+        values = {key: tuple(value) if key == "betas" else value for key, value in data.items()}
+        return cls(**values)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: Path, overrides: Optional[Dict[str, Any]] = None) -> TrainConfig:
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise CT2XInputError(f"{path}: not a readable training configuration ({error})") from None
+        return cls.from_dict({**data, **(overrides or {})})

@@ -1,0 +1,216 @@
+"""The one trainer of CT2X's networks: one process, or many with `torchrun` (DistributedDataParallel).
+
+A run folder holds `config.json` (every setting), `log.csv` (losses and learning rate per logged step), TensorBoard
+events when the `tensorboard` package is installed, `samples/step_NNNNNN.png` (mid slices: true above, predicted
+below), `checkpoint.pt` (written atomically every `checkpoint_every` steps and at the end) and, at the end,
+`model.safetensors` (the generator as a CT2X model file, `ct2x.models`).
+
+Resuming continues exactly: the checkpoint holds the networks, optimisers, random-number state and the position in
+the seeded data order, so with a fixed seed the next step's losses equal those of a run that was never stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Dict, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ct2x import __version__
+from ct2x.data.recon_dataset import ReconAugmentation, ReconDataset
+from ct2x.errors import CT2XInputError
+from ct2x.models import ModelInfo, build_network, save_model
+from ct2x.train.config import TrainConfig
+from ct2x.train.recon_gan import ReconGAN
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "log.csv"
+MODEL = "model.safetensors"
+
+
+class Trainer:
+    """Trains the generator and discriminator a `TrainConfig` names, in the run folder `run_dir`."""
+
+    def __init__(self, config: TrainConfig, run_dir: Path, device: torch.device, resume: bool = False):
+        self.config, self.run_dir, self.device = config, Path(run_dir), device
+        self.rank, self.world = _distributed_rank_and_size(device)
+        self.is_main = self.rank == 0
+        torch.manual_seed(config.seed + self.rank)
+        recipe = config.recipe
+        self.generator = build_network(recipe["generator"], config.generator_config).to(device)
+        self.discriminator = build_network(recipe["discriminator"], config.discriminator_config).to(device)
+        if self.world > 1:
+            wrap = torch.nn.parallel.DistributedDataParallel
+            ids = [device.index] if device.type == "cuda" else None
+            # The generator's per-view heads (X2CT's auxiliary outputs) take no part in the loss.
+            self.generator = wrap(self.generator, ids, find_unused_parameters=True)
+            self.discriminator = wrap(self.discriminator, ids)
+        self.objective = ReconGAN(self.generator, self.discriminator, recipe["films"], config)
+        self.dataset = ReconDataset(config.data, "train", ReconAugmentation() if config.augment else None,
+                                    seed=config.seed)
+        self.step = 0  # generator updates done, one batch each
+        if resume:
+            self._load_checkpoint()
+
+    def run(self, progress: bool = True) -> None:
+        """Train until `config.steps`, logging, sampling and checkpointing on the way."""
+        from tqdm import tqdm
+
+        config = self.config
+        bar = tqdm(total=config.steps, initial=self.step, desc=f"ct2x train {config.model}", unit="step",
+                   file=sys.stderr, disable=not (progress and self.is_main), dynamic_ncols=True)
+        log = _CsvLog(self.run_dir / LOG) if self.is_main else None
+        board = _tensorboard(self.run_dir) if self.is_main else None
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                    and config.mixed_precision else nullcontext())
+        batches = self._batches()
+        started = time.perf_counter()
+        while self.step < config.steps:
+            batch = next(batches)
+            self.objective.set_learning_rate(config.learning_rate_at(self.step))
+            with autocast:
+                losses = self.objective.step(batch, self.device)
+            self.step += 1
+            bar.update(1)
+            bar.set_postfix(g=f"{losses['g_total']:.3f}", d=f"{losses['d_total']:.3f}")
+            if self.is_main and (self.step % config.log_every == 0 or self.step == config.steps):
+                row = {"step": self.step, "learning_rate": config.learning_rate_at(self.step - 1),
+                       "seconds": round(time.perf_counter() - started, 2), **losses}
+                log.write(row)
+                if board is not None:
+                    for name, value in losses.items():
+                        board.add_scalar(f"loss/{name}", value, self.step)
+            if self.is_main and self.step % config.sample_every == 0:
+                self._save_sample(batch)
+            if self.step % config.checkpoint_every == 0 or self.step == config.steps:
+                self._save_checkpoint()
+        bar.close()
+        if self.is_main:
+            self._save_model()
+        if board is not None:
+            board.close()
+
+    # --- data order ---------------------------------------------------------------------------------------------
+    def _batches(self) -> Iterator[Dict[str, torch.Tensor]]:
+        """Batches in a seeded order per epoch, split across processes; one batch per step, so a resumed run
+        continues at batch `step % per_epoch` of epoch `step // per_epoch`."""
+        batch_size = self.config.batch_size
+        per_epoch = len(self.dataset) // (batch_size * self.world)  # batches per process and epoch
+        if per_epoch < 1:
+            raise CT2XInputError(f"{self.config.data}: {len(self.dataset)} training cases are fewer than one batch "
+                                 f"per process ({batch_size} x {self.world}); lower --batch-size")
+        while True:
+            epoch, start = divmod(self.step, per_epoch)
+            order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.config.seed + epoch))
+            mine = order.tolist()[self.rank::self.world][start * batch_size: per_epoch * batch_size]
+            self.dataset.epoch = epoch  # augmentation draws depend on (seed, epoch, case)
+            yield from torch.utils.data.DataLoader(torch.utils.data.Subset(self.dataset, mine), batch_size=batch_size,
+                                                   shuffle=False, drop_last=True, num_workers=self.config.workers)
+
+    # --- files ----------------------------------------------------------------------------------------------------
+    def _save_checkpoint(self) -> None:
+        if not self.is_main:
+            return
+        state = {"step": self.step, "config": self.config.to_dict(),
+                 "generator": _unwrap(self.generator).state_dict(),
+                 "discriminator": _unwrap(self.discriminator).state_dict(),
+                 **self.objective.optimizer_states(), "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        temporary = self.run_dir / f".{CHECKPOINT}.{os.getpid()}"
+        torch.save(state, temporary)
+        os.replace(temporary, self.run_dir / CHECKPOINT)
+
+    def _load_checkpoint(self) -> None:
+        path = self.run_dir / CHECKPOINT
+        if not path.exists():
+            raise CT2XInputError(f"{self.run_dir}: no {CHECKPOINT} to resume from; start without --resume")
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        if state["config"] != self.config.to_dict():
+            raise CT2XInputError(f"{path}: was written with other settings; resume with the run's own config.json")
+        _unwrap(self.generator).load_state_dict(state["generator"])
+        _unwrap(self.discriminator).load_state_dict(state["discriminator"])
+        self.objective.load_optimizer_states(state)
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if state["cuda_rng"]:
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+        self.step = int(state["step"])
+
+    def _save_sample(self, batch: Dict[str, torch.Tensor]) -> None:
+        from ct2x.io import save_png
+
+        with torch.no_grad():
+            predicted = self.objective.generate(batch, self.device)[0, 0].float().cpu().clamp(0, 1).numpy()
+        true = batch["ct"][0, 0].numpy()  # (D, H, W) in [0, 1]
+
+        def mid_slices(volume: np.ndarray) -> np.ndarray:  # coronal (D, W), sagittal (D, H), axial (H, W) side by side
+            d, h, w = (n // 2 for n in volume.shape)
+            return np.concatenate([volume[:, h, :], volume[:, :, w], volume[d, :, :]], axis=1)
+
+        sheet = np.concatenate([mid_slices(true), mid_slices(predicted)], axis=0)  # true above, predicted below
+        (self.run_dir / "samples").mkdir(exist_ok=True)
+        save_png((sheet * 255).round().astype(np.uint8), self.run_dir / "samples" / f"step_{self.step:06d}.png")
+
+    def _save_model(self) -> None:
+        recipe, config = self.config.recipe, self.config
+        generator = _unwrap(self.generator)
+        info = ModelInfo(
+            kind=recipe["generator"], config=_network_config(generator, config.generator_config),
+            license="Apache-2.0", description=f"{config.model} trained by ct2x {__version__} for {self.step} steps",
+            inputs={"films": list(recipe["films"]), "convention": "ct2x.data.x2ct_convention"},
+            outputs={"volume": "(N, 1, D, H, W), X2CT normalisation [0, 1] = HU -1024..1476",
+                     "convention": "ct2x.data.x2ct_convention"},
+            training_data={"folder": str(Path(config.data).resolve()), "cases": len(self.dataset),
+                           "augmented": config.augment},
+        )
+        save_model(self.run_dir / MODEL, generator, info)
+
+
+def _network_config(network: torch.nn.Module, given: Dict) -> Dict:
+    """The network's full constructor configuration where it can tell it (`config.to_dict()`), else `given`."""
+    config = getattr(network, "config", None)
+    return config.to_dict() if hasattr(config, "to_dict") else dict(given)
+
+
+def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    return network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
+
+
+def _distributed_rank_and_size(device: torch.device):
+    """(rank, world size): from torchrun's environment, initialising the process group once; (0, 1) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+class _CsvLog:
+    """Appends rows to a CSV file, writing the header once (a resumed run keeps appending)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, row: Dict[str, float]) -> None:
+        new = not self.path.exists()
+        with self.path.open("a", newline="", encoding="utf-8") as file:
+            writer = csv.DictWriter(file, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow({key: f"{value:.6g}" if isinstance(value, float) else value for key, value in row.items()})
+
+
+def _tensorboard(run_dir: Path) -> Optional[object]:
+    """A TensorBoard SummaryWriter in the run folder, or None when the tensorboard package is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
