@@ -136,3 +136,15 @@ def test_dataset_samples_and_reproducible_augmentation(ct_files, tmp_path):
     for sample in (first, other):  # films rendered from the moved CT still match it
         mean = sample["ct"][0].numpy().mean(axis=1)  # (D, W)
         assert np.corrcoef(sample["pa"][0].numpy().ravel(), mean.ravel())[0, 1] > 0.7
+
+
+def test_find_cts_takes_image_files_and_dicom_folders(tmp_path):
+    from ct2x.data.prepare_recon import find_cts
+
+    (tmp_path / "a.nii.gz").write_bytes(b"")
+    series = tmp_path / "study" / "series1"
+    series.mkdir(parents=True)
+    (series / "IM0001").write_bytes(bytes(128) + b"DICM" + bytes(16))  # DICOM by its preamble, no suffix
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("not a CT")
+    assert find_cts([tmp_path]) == {"a": tmp_path / "a.nii.gz", "series1": series}

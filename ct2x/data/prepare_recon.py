@@ -66,8 +66,8 @@ class ReconPreparation:
 
 
 def find_cts(inputs: Sequence[PathLike]) -> Dict[str, Path]:
-    """Case id -> CT path for files and folders given: image files directly or found recursively in folders; a
-    folder that holds DICOM files and no image files is one case. Ids are the file names without suffix, made unique.
+    """Case id -> CT path for files and folders given: image files directly or found recursively in folders, and
+    each folder that directly holds DICOM files (one series: one case). Ids are the names without suffix, made unique.
     """
     found: List[Path] = []
     for entry in (Path(p).expanduser() for p in inputs):
@@ -76,8 +76,9 @@ def find_cts(inputs: Sequence[PathLike]) -> Dict[str, Path]:
         if entry.is_file():
             found.append(entry)
             continue
-        images = sorted(p for p in entry.rglob("*") if p.is_file() and format_suffix(p) in READ_FORMATS)
-        found.extend(images if images else [entry])  # no image files: a DICOM series folder
+        found.extend(sorted(p for p in entry.rglob("*") if p.is_file() and format_suffix(p) in READ_FORMATS))
+        found.extend(folder for folder in sorted([entry, *(p for p in entry.rglob("*") if p.is_dir())])
+                     if _holds_dicom(folder))
     cases: Dict[str, Path] = {}
     for path in found:
         stem = path.name[: -len(format_suffix(path))] if path.is_file() and format_suffix(path) else path.name
@@ -88,6 +89,14 @@ def find_cts(inputs: Sequence[PathLike]) -> Dict[str, Path]:
             case_id = f"{stem}-{n}"
         cases[case_id] = path
     return cases
+
+
+def _holds_dicom(folder: Path) -> bool:
+    """Whether the folder directly holds a DICOM file (by its name or its "DICM" preamble)."""
+    from ct2x.io.dicom import has_dicom_preamble
+
+    files = (p for p in folder.iterdir() if p.is_file() and format_suffix(p) not in READ_FORMATS)
+    return any(p.suffix.lower() == ".dcm" or (p.stat().st_size > 132 and has_dicom_preamble(p)) for p in files)
 
 
 def prepare_case(path: Path, settings: ReconPreparation) -> Dict[str, np.ndarray]:

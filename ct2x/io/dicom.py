@@ -139,7 +139,7 @@ def _unreadable_dicom_files(folder: Path, series_files: Dict[str, List[str]]) ->
         elif path.stat().st_size == 0:
             if dicom_name:
                 found.append((path, "empty"))
-        elif (dicom_name and path.suffix) or (_has_dicom_preamble(path) and path.name.upper() != "DICOMDIR"):
+        elif (dicom_name and path.suffix) or (has_dicom_preamble(path) and path.name.upper() != "DICOMDIR"):
             found.append((path, ""))
     if not found:
         return ""
@@ -152,7 +152,8 @@ def _unreadable_dicom_files(folder: Path, series_files: Dict[str, List[str]]) ->
     return ", ".join(described)
 
 
-def _has_dicom_preamble(path: Path) -> bool:
+def has_dicom_preamble(path: Path) -> bool:
+    """Whether the file starts like a DICOM file (128 bytes, then "DICM")."""
     with open(path, "rb") as file:
         return file.read(132)[128:] == b"DICM"
 
