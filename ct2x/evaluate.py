@@ -69,8 +69,9 @@ def baseline_methods(data: Union[str, Path], names: Sequence[str] = BASELINES) -
         mean_volume = np.mean(volumes, axis=0)
         methods["mean"] = lambda pa, lateral: mean_volume
     if "backprojection" in names:
-        spread = np.concatenate([backprojection(c["pa"], c["lateral"]).ravel() for c in training])
-        slope, intercept = np.polyfit(spread, np.concatenate([v.ravel() for v in volumes]), deg=1)
+        spread = np.concatenate([backprojection(c["pa"], c["lateral"]).ravel() for c in training])  # (N,)
+        design = np.stack([spread, np.ones_like(spread)], axis=1)  # (N, 2): least squares of slope, intercept
+        (slope, intercept), *_ = np.linalg.lstsq(design, np.concatenate([v.ravel() for v in volumes]), rcond=None)
         methods["backprojection"] = lambda pa, lateral: np.clip(slope * backprojection(pa, lateral) + intercept, 0, 1)
     return methods
 
