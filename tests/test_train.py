@@ -76,6 +76,7 @@ def test_run_files_and_exact_resume(prepared, tmp_path, monkeypatch):
     assert (straight / "samples" / "step_000002.png").exists()
     network, info = models.load(straight / "model.safetensors")
     assert info.kind == "x2ct-biplanar" and info.config == TINY_GENERATOR
+    assert info.inputs["film_px"] == 64 and info.outputs["field_of_view_mm"] == 320.0 and info.outputs["voxels"] == 64
     assert tuple(network(torch.rand(1, 1, 64, 64), torch.rand(1, 1, 64, 64)).shape) == (1, 1, 64, 64, 64)
     uninterrupted = list(csv.DictReader((straight / "log.csv").open()))
 

@@ -27,6 +27,7 @@ from typing import Dict, Iterator, List, Tuple
 import numpy as np
 
 from ct2x import __version__
+from ct2x.cli.options import option
 from ct2x.errors import CT2XInputError
 from ct2x.geometry import DETECTOR_SIZE_PX, SOURCE_TO_DETECTOR_MM, SOURCE_TO_ISOCENTER_MM
 from ct2x.output_folder import OutputFolder
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         volume = _read_volume(args)
     load_seconds = time.perf_counter() - start
     if args.spacing is None:
-        with _option("--sid"):
+        with option("--sid"):
             carm = carm.with_detector(args.size, fitted_detector_spacing_mm(
                 volume, carm, args.size, [(angle, args.secondary) for angle in angles]))
 
@@ -187,12 +188,12 @@ def _settings(args: argparse.Namespace):
     from ct2x.geometry import CArm, parse_angles
     from ct2x.memory import VIEW_BYTES_PER_PIXEL, check_fits, drr_peak_bytes
 
-    with _option("--angles"):
+    with option("--angles"):
         angles = parse_angles(args.angles)  # primary angles, deg
-    with _option("--secondary"):
+    with option("--secondary"):
         if not abs(args.secondary) < 90:
             raise CT2XInputError(f"{args.secondary} deg: the secondary angle must lie strictly between -90 and 90")
-    with _option("--window"):
+    with option("--window"):
         if args.window is not None:
             check_window(args.window)
             if args.display == "processed":
@@ -205,9 +206,9 @@ def _settings(args: argparse.Namespace):
                    "seed": "--seed"}):
         physics = Physics(spectrum=args.spectrum or "60kV", energy_kev=args.energy, noise_photons=args.noise,
                           seed=args.seed)
-    with _option("--device"):
+    with option("--device"):
         device = torch_device(args.device)
-    with _option("--size"):
+    with option("--size"):
         check_fits(drr_peak_bytes(0, args.size**2, len(angles)), f"{len(angles)} views of {args.size}^2 px",
                    f"use a smaller --size (each pixel of a view in flight takes about {VIEW_BYTES_PER_PIXEL} bytes)")
     return angles, carm, physics, device
@@ -302,15 +303,6 @@ def _positive(kind: type):
         return value
     parse.__name__ = kind.__name__
     return parse
-
-
-@contextlib.contextmanager
-def _option(name: str) -> Iterator[None]:
-    """Prefix input errors raised by the core with the command-line option that caused them."""
-    try:
-        yield
-    except CT2XInputError as error:
-        raise CT2XInputError(f"{name}: {error}") from None
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ the seeded data order, so with a fixed seed the next step's losses equal those o
 from __future__ import annotations
 
 import csv
+import json
 import os
 import sys
 import time
@@ -158,13 +159,19 @@ class Trainer:
         save_png((sheet * 255).round().astype(np.uint8), self.run_dir / "samples" / f"step_{self.step:06d}.png")
 
     def _save_model(self) -> None:
+        from ct2x.data.prepare_recon import SETTINGS_FILE
+
         recipe, config = self.config.recipe, self.config
         generator = _unwrap(self.generator)
+        prepared = json.loads((Path(config.data) / SETTINGS_FILE).read_text(encoding="utf-8"))["settings"]
         info = ModelInfo(
             kind=recipe["generator"], config=_network_config(generator, config.generator_config),
             license="Apache-2.0", description=f"{config.model} trained by ct2x {__version__} for {self.step} steps",
-            inputs={"films": list(recipe["films"]), "convention": "ct2x.data.x2ct_convention"},
+            inputs={"films": list(recipe["films"]), "film_px": prepared["film_px"],
+                    "convention": "ct2x.data.x2ct_convention"},
             outputs={"volume": "(N, 1, D, H, W), X2CT normalisation [0, 1] = HU -1024..1476",
+                     "voxels": prepared["ct_voxels"], "field_of_view_mm": prepared["cube_mm"],
+                     "voxel_mm": prepared["cube_mm"] / prepared["ct_voxels"],
                      "convention": "ct2x.data.x2ct_convention"},
             training_data={"folder": str(Path(config.data).resolve()), "cases": len(self.dataset),
                            "augmented": config.augment},

@@ -1,0 +1,175 @@
+"""Films -> CT with an X2CT model file: the inference engine under `ct2x reconstruct` and the CT2XReconstruct module.
+
+    volume = reconstruct("x2ct-gan-biplanar.safetensors", "pa.png", "lateral.jpg")   # CTVolume in HU
+    save_ct(volume, "chest.nii.gz")
+
+Films are prepared as `ct2x.data.films.prepare_film` does (or given prepared); the network's (D, H, W) output is the
+convention's CT cube (`ct2x.data.x2ct_convention`): its KJI array exactly, placed by `cube_affine` about RAS (0, 0, 0),
+so that the patient's left in the films is the patient's left (RAS x < 0) in the volume.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+from ct2x.data.films import PreparedFilm, prepare_film
+from ct2x.data.x2ct_convention import CUBE_MM, FILM_PX, cube_affine
+from ct2x.errors import CT2XInputError
+from ct2x.models import LoadedModel, ModelInfo
+from ct2x.preprocess import x2ct_denormalize
+from ct2x.volume import CTVolume
+
+PathLike = Union[str, os.PathLike]
+FilmInput = Union[PathLike, np.ndarray, PreparedFilm]
+KIND_PREFIX = "x2ct-"  # the films -> CT networks of ct2x.models.architectures
+VIEWS_BY_KIND = {"x2ct-single": ("pa",)}  # other x2ct-* kinds read a PA and a lateral film
+CUBE_CENTER_RAS = np.zeros(3)  # the reconstructed cube's centre, RAS mm: films carry no position
+
+
+def load_recon_model(model: Union[PathLike, LoadedModel], device: str = "cpu") -> LoadedModel:
+    """The films -> CT network of a model file (or registry name: its cached file), or `model` itself when loaded;
+    CT2XInputError for a missing file or a network of another kind."""
+    from ct2x import models
+
+    if isinstance(model, LoadedModel):
+        check_kind(model.info)
+        return model
+    return models.load(recon_model_file(model)[0], device=device)
+
+
+def recon_model_file(model: PathLike) -> Tuple[Path, ModelInfo]:
+    """(the file, its ModelInfo) of a films -> CT model file or registry name, read from the header only (fast);
+    CT2XInputError for a missing file or a network of another kind."""
+    from ct2x.models import read_info
+
+    path = _model_path(model)
+    info = read_info(path)
+    check_kind(info)
+    return path, info
+
+
+def check_kind(info: ModelInfo) -> None:
+    """CT2XInputError unless the model is a films -> CT network (an x2ct-* kind)."""
+    from ct2x.models import known_kinds
+
+    if not info.kind.startswith(KIND_PREFIX):
+        raise CT2XInputError(f"the model is a {info.kind!r} network, not one that turns films into a CT "
+                             f"({', '.join(kind for kind in known_kinds() if kind.startswith(KIND_PREFIX))})")
+
+
+def film_views(info: ModelInfo) -> Tuple[str, ...]:
+    """The films the network reads, in its argument order: ("pa", "lateral") or ("pa",)."""
+    views = tuple(info.inputs.get("films", VIEWS_BY_KIND.get(info.kind, ("pa", "lateral"))))
+    if views not in (("pa",), ("pa", "lateral")):
+        raise CT2XInputError(f"the model file's inputs name the films {list(views)}; ct2x reads ['pa'] or "
+                             "['pa', 'lateral']")
+    return views
+
+
+def film_size(info: ModelInfo) -> int:
+    """Film pixels per side the network reads: its inputs' film_px, else its configuration's input_size, else the
+    convention's."""
+    size = info.inputs.get("film_px", info.config.get("input_size", FILM_PX))
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise CT2XInputError(f"the model file's film size {size!r} is not a number of pixels")
+    return size
+
+
+def cube_mm(info: ModelInfo) -> Tuple[float, str]:
+    """(edge of the reconstructed cube in mm, where that comes from): the outputs' field_of_view_mm (one number or
+    three equal ones), else the convention's cube."""
+    given = info.outputs.get("field_of_view_mm")
+    if given is None:
+        return CUBE_MM, f"the X2CT convention's {CUBE_MM:g} mm cube (the model file does not state its field of view)"
+    edges = given if isinstance(given, list) else [given]
+    if not edges or any(isinstance(e, bool) or not isinstance(e, (int, float)) or not e > 0 for e in edges) or \
+            len(set(edges)) != 1 or len(edges) not in (1, 3):
+        raise CT2XInputError(f"the model file's field_of_view_mm {given!r} is not one cube edge in mm")
+    return float(edges[0]), "the model file's field of view"
+
+
+def check_views(info: ModelInfo, has_lateral: bool) -> Tuple[str, ...]:
+    """The model's views, once the films given fit them; CT2XInputError saying what is missing or too much."""
+    views = film_views(info)
+    if "lateral" in views and not has_lateral:
+        raise CT2XInputError(f"the {info.kind} model reads a PA and a lateral film; give the lateral film too")
+    if "lateral" not in views and has_lateral:
+        raise CT2XInputError(f"the {info.kind} model reads the PA film only; leave the lateral film out (it would be "
+                             "ignored)")
+    return views
+
+
+def reconstruct(model: Union[PathLike, LoadedModel], pa: FilmInput, lateral: Optional[FilmInput] = None,
+                device: str = "cpu") -> CTVolume:
+    """The CT (HU, the convention's cube about RAS (0, 0, 0)) that `model` reconstructs from the films.
+
+    model: a model file, registry name or loaded model of an x2ct-* kind. pa, lateral: film files, arrays or
+    `PreparedFilm`s of the model's film size; files and arrays are prepared with `prepare_film`'s detection.
+    """
+    from ct2x.device import torch_device
+
+    target = torch_device(device)
+    network, info = load_recon_model(model, str(target))
+    views = check_views(info, lateral is not None)
+    size = film_size(info)
+    films = [_prepared(film, view, size) for film, view in zip((pa, lateral), views)]
+    inputs = [torch.from_numpy(film.image)[None, None].to(target) for film in films]  # (1, 1, P, P) each
+    with torch.inference_mode():
+        output = network.to(target)(*inputs)  # (1, 1, D, H, W), X2CT normalisation
+    if output.dim() != 5 or output.shape[:2] != (1, 1) or len(set(output.shape[2:])) != 1:
+        raise CT2XInputError(f"the {info.kind} network returned {list(output.shape)}, not one cube (1, 1, D, D, D)")
+    volume = output[0, 0].float().clamp(0.0, 1.0).cpu().numpy()  # (D, H, W) = KJI of the cube
+    edge_mm, _ = cube_mm(info)
+    hu = x2ct_denormalize(volume).astype(np.float32)  # (K, J, I) HU -1024 ... 1476
+    affine = cube_affine(CUBE_CENTER_RAS, voxels=volume.shape[0], cube_mm=edge_mm)
+    try:
+        return CTVolume(hu=hu, affine=affine, source=f"reconstructed by {info.kind}")
+    except CT2XInputError as error:
+        raise CT2XInputError(f"the network's output is not a CT ({error}); is the model trained, and for films like "
+                             "these?") from None
+
+
+def network_input_picture(films: List[PreparedFilm]) -> np.ndarray:
+    """(P, n P + 2 (n - 1)) uint8: the films exactly as the network reads them, side by side (PA first), 2 grey
+    columns apart."""
+    gap = np.full((films[0].image.shape[0], 2), 128, dtype=np.uint8)
+    parts: List[np.ndarray] = []
+    for film in films:
+        parts += [gap] if parts else []
+        parts.append(np.round(np.clip(film.image, 0.0, 1.0) * 255).astype(np.uint8))
+    return np.concatenate(parts, axis=1)
+
+
+def describe_geometry(info: ModelInfo, voxels: int) -> str:
+    """One line on the output's geometry: voxels, voxel size and where the field of view comes from."""
+    edge_mm, source = cube_mm(info)
+    return (f"CT of {voxels}^3 voxels of {edge_mm / voxels:.3g} mm ({edge_mm:g} mm cube: {source}), centred on RAS "
+            "(0, 0, 0)")
+
+
+def _prepared(film: FilmInput, view: str, size: int) -> PreparedFilm:
+    if not isinstance(film, PreparedFilm):
+        return prepare_film(film, view, size)
+    if film.image.shape != (size, size) or film.image.dtype != np.float32 or \
+            not math.isfinite(float(film.image.sum())):
+        raise CT2XInputError(f"the prepared {view} film is {film.image.shape} {film.image.dtype}; the model reads "
+                             f"({size}, {size}) float32 films")
+    return film
+
+
+def _model_path(model: PathLike) -> Path:
+    """`model` as a file path; a name that is no file but a registry entry gives its cached file."""
+    from ct2x.models import cached_path, load_registry
+
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    if path.suffix != ".safetensors" and str(model) in load_registry():
+        return cached_path(str(model))
+    raise CT2XInputError(f"{path}: no such model file (`ct2x models list` names the models ct2x knows)")
