@@ -20,6 +20,7 @@ from ct2x.errors import CT2XInputError
 CT_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
 PICTURE_SUFFIX = "_network_input.png"
 PROG = "ct2x reconstruct"
+PRECISIONS = ("fp32", "bf16")  # ct2x.reconstruct.PRECISIONS, restated: `ct2x --help` must not import torch
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -49,11 +50,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="auto: cut uniform borders and the air around the body; none: the whole film "
                              "(default %(default)s)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N (default %(default)s)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help="fp32, or bf16: bfloat16 for the 3-D part, about twice as fast on CPUs with AVX-512 BF16 "
+                             "and on GPUs, within 1 %% of fp32 on trained models (default %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing CT and picture of that name")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from ct2x.data.films import prepare_film
     from ct2x.device import torch_device
     from ct2x.io import save_ct, save_png
@@ -90,8 +96,10 @@ def run(args: argparse.Namespace) -> int:
         films.append(film)
     with option("--model"):
         model = load_recon_model(model_file, device)
-    with option("--model"):
-        volume = reconstruct(model, *films, device=device)
+    with option("--model"), tqdm(total=100, desc=f"{PROG} ({args.precision})", unit="%", leave=False,
+                                 bar_format="{desc}: {percentage:3.0f}% |{bar}| {elapsed}<{remaining}") as bar:
+        volume = reconstruct(model, *films, device=device, precision=args.precision,
+                             progress=lambda fraction: bar.update(100 * fraction - bar.n))
     _say(describe_geometry(model.info, volume.hu.shape[0]))
 
     staged_picture = save_png(network_input_picture(films), picture.with_name(f".{picture.stem}.partial.png"))

@@ -178,6 +178,7 @@ def load(path: PathLike, device: Union[str, torch.device] = "cpu") -> LoadedMode
     it is not a readable model file, its metadata is missing or malformed, its kind unknown, its configuration
     refused, or its tensors do not fit the network (missing, unexpected, wrong shape, not finite).
     """
+    import torch
     from safetensors import safe_open
 
     from ct2x.device import torch_device
@@ -186,7 +187,8 @@ def load(path: PathLike, device: Union[str, torch.device] = "cpu") -> LoadedMode
     path = Path(path).expanduser()
     header = read_header(path)
     try:
-        network = build_network(header.info.kind, header.info.config)
+        with torch.device("meta"):  # shapes only: every weight comes from the file (no random initialisation)
+            network = build_network(header.info.kind, header.info.config)
     except CT2XInputError as error:
         raise CT2XInputError(f"{path}: {error}; the file may come from another ct2x version: update ct2x, or "
                              "write the file again with this one") from None
@@ -200,7 +202,11 @@ def load(path: PathLike, device: Union[str, torch.device] = "cpu") -> LoadedMode
         if tensor.is_floating_point() and not _all_finite(tensor):
             raise CT2XInputError(f"{path}: tensor {name!r} holds NaN or infinite values; the weights are unusable: "
                                  f"{REWRITE_HINT} (or, for your own training, save an earlier checkpoint)")
-    network.load_state_dict(tensors)
+    network.load_state_dict(tensors, assign=True)
+    unset = [name for name, tensor in [*network.named_parameters(), *network.named_buffers()] if tensor.is_meta]
+    if unset:
+        raise CT2XInputError(f"{path}: the {header.info.kind} network has tensors that no model file holds "
+                             f"({', '.join(unset[:5])}); this ct2x cannot load it: update ct2x")
     return LoadedModel(network.to(target).eval(), header.info)
 
 

@@ -7,21 +7,46 @@ track_running_stats=False), as the official X2CT-GAN test script does. Convoluti
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
 def instance_norm(dims: int, channels: int) -> nn.Module:
-    """Per-sample, per-channel normalisation without learned scale or running statistics, in 2-D or 3-D."""
-    norm = nn.InstanceNorm2d if dims == 2 else nn.InstanceNorm3d
-    return norm(channels, affine=False, track_running_stats=False)
+    """Per-sample, per-channel normalisation without learned scale or running statistics, in 2-D or 3-D.
+
+    3-D uses `InstanceNorm3d` below (the same function, 2.5 times faster on CPU). 2-D keeps nn.InstanceNorm2d: its
+    maps are small, and the dense encoder amplifies float32 rounding (swapping its norms too moves the biplanar
+    generator's output by 1e-4 relative L2, as much as running it on 1 instead of 2 threads does).
+    """
+    if dims == 3:
+        return InstanceNorm3d(channels)
+    return nn.InstanceNorm2d(channels, affine=False, track_running_stats=False)
+
+
+class InstanceNorm3d(nn.Module):
+    """nn.InstanceNorm3d(channels, affine=False, track_running_stats=False) computed by group_norm with one group per
+    channel: the same statistics (biased variance, eps inside the square root) in one fused pass, 65 instead of
+    160 ms for a (1, 16, 128, 128, 128) volume on one core. No parameters or buffers: state dicts are unchanged."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.num_features, self.eps = num_features, eps
+
+    def forward(self, volume: Tensor) -> Tensor:
+        return F.group_norm(volume, self.num_features, eps=self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
 
 
 def init_official(network: nn.Module) -> None:
-    """X2CT-GAN's initialisation: convolution and linear weights N(0, 0.02), biases 0."""
+    """X2CT-GAN's initialisation: convolution and linear weights N(0, 0.02), biases 0. Nothing to do for a network
+    built on the meta device (shapes only, its weights to come from a file)."""
     for module in network.modules():
-        if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose3d, nn.Linear)):
+        if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose3d, nn.Linear)) and not module.weight.is_meta:
             nn.init.normal_(module.weight, 0.0, 0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
@@ -61,6 +86,27 @@ class UpConvNormReLU3d(nn.Sequential):
             norm=instance_norm(3, out_channels),
             relu=nn.ReLU(inplace=True),
         ))
+
+    def forward(self, volume: Tensor) -> Tensor:
+        if volume.device.type != "cpu":
+            return super().forward(volume)
+        # On CPU oneDNN's transposed convolution is 4 times faster in channels_last_3d, with the same sums (bitwise
+        # equal output): 82 instead of 325 ms for 16 -> 16 channels, 64^3 -> 128^3, on one core.
+        volume = self.conv(volume.contiguous(memory_format=torch.channels_last_3d))
+        return self.relu(self.norm(channels_first(volume)))
+
+
+def channels_first(volume: Tensor) -> Tensor:
+    """(N, C, D, H, W) in the ordinary contiguous layout. A channels_last_3d volume is moved by one 2-D transpose per
+    sample, torch's blocked one: 85 ms for (1, 16, 128, 128, 128) where .contiguous() takes 200 ms."""
+    if volume.is_contiguous() or torch.is_grad_enabled() or \
+            not volume.is_contiguous(memory_format=torch.channels_last_3d):
+        return volume.contiguous()
+    channels = volume.shape[1]
+    result = torch.empty(volume.shape, dtype=volume.dtype, device=volume.device)  # contiguous
+    for sample, target in zip(volume.permute(0, 2, 3, 4, 1), result):  # (D, H, W, C) contiguous -> (C, D, H, W)
+        target.view(channels, -1).copy_(sample.reshape(-1, channels).t())
+    return result
 
 
 class DenseLayer2d(nn.Module):
@@ -102,9 +148,15 @@ class LiftToVolume(nn.Module):
         self.refine = ConvNormReLU(3, channels, channels, 3, padding=1)
 
     def forward(self, features: Tensor) -> Tensor:
+        return self.lift(features).volume()  # (N, c, S, rows, columns)
+
+    def lift(self, features: Tensor) -> Lifted:
+        """The lifted volume as a `Lifted`: its three distinct planes, computed in 2-D (3 ms instead of 380 + 150 ms
+        for the 3-D convolution and norm at 128^3 on one core); `.volume()` builds the volume itself."""
         features = self.reduce(features)  # (N, c, rows, columns)
-        size = features.shape[-1]
-        return self.refine(features.unsqueeze(2).expand(-1, -1, size, -1, -1))  # (N, c, S, rows, columns)
+        size = features.shape[-1]  # >= 2: the coarsest skip is S / 16, S >= 64
+        planes = lifted_conv(self.refine.conv, features.unsqueeze(2).expand(-1, -1, 3, -1, -1), size)
+        return Lifted(self.refine.relu(lifted_instance_norm(planes, size, self.refine.norm.eps)), size)
 
 
 class DecoderLevel3d(nn.Module):
@@ -121,6 +173,24 @@ class DecoderLevel3d(nn.Module):
         """(N, in_channels, S, S, S) -> (N, channels, S, S, S); unchanged at a level without compression."""
         return volume if self.compress is None else self.compress(volume)
 
+    def compress_with(self, volume: Tensor, skip: Lifted) -> Tensor:
+        """compress_input(torch.cat([volume, skip.volume()], dim=1)) without building the skip's volume or the
+        concatenation: the convolution is linear in its input channels, so the skip's part is added on its own, and
+        along the lifted axis that part has only 5 distinct planes (2-D convolutions of the skip's 3 planes)."""
+        conv = self.compress.conv
+        if not plain_3x3x3(conv):
+            return self.compress_input(torch.cat([volume, skip.volume()], dim=1))
+        split = volume.shape[1]
+        out = F.conv3d(volume, conv.weight[:, :split], conv.bias, padding=1)  # (N, channels, S, S, S)
+        responses = tap_responses(skip.planes, conv.weight[:, split:]).to(out.dtype)  # (N, 3 planes, 3 taps, ...)
+        size = skip.size
+        for plane in sorted({0, 1, size - 2, size - 1} & set(range(size))):  # planes next to the padding
+            reads = [(skip.plane(plane + tap - 1), tap) for tap in range(3)]
+            out[:, :, plane] += sum(responses[:, source, tap] for source, tap in reads if source >= 0)
+        if size > 4:  # every inner plane reads the inner map through all three taps
+            out[:, :, 2:size - 2] += responses[:, 1].sum(dim=1).unsqueeze(2)
+        return self.compress.relu(self.compress.norm(out))
+
     def refine(self, volume: Tensor) -> Tensor:
         """(N, channels, S, S, S) -> (N, up_channels, 2S, 2S, 2S), or (N, channels, S, S, S) without up-convolution."""
         volume = self.blocks(volume)
@@ -128,3 +198,55 @@ class DecoderLevel3d(nn.Module):
 
     def forward(self, volume: Tensor) -> Tensor:
         return self.refine(self.compress_input(volume))
+
+
+class Lifted(NamedTuple):
+    """A Connection-B volume (N, C, size, rows, columns) held as its distinct planes along the lifted (first spatial)
+    axis: `planes` (N, C, 3, rows, columns) = the first, every inner one (all equal: a 2-D map copied), the last."""
+
+    planes: Tensor
+    size: int
+
+    def volume(self) -> Tensor:
+        first, inner, last = self.planes.split(1, dim=2)
+        return torch.cat([first, inner.expand(-1, -1, self.size - 2, -1, -1), last], dim=2)
+
+    def plane(self, index: int) -> int:
+        """Which plane (0 first, 1 inner, 2 last) plane `index` of the volume is; -1 outside it (zero padding)."""
+        return -1 if not 0 <= index < self.size else 0 if index == 0 else 2 if index == self.size - 1 else 1
+
+
+def plain_3x3x3(conv: nn.Conv3d) -> bool:
+    return conv.kernel_size == (3, 3, 3) and conv.padding == (1, 1, 1) and conv.stride == (1, 1, 1) and \
+        conv.dilation == (1, 1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+
+
+def tap_responses(planes: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """(N, 3 planes, 3 taps, out, rows, columns): each of a Lifted's 3 planes (N, in, 3, rows, columns) through each
+    depth tap of a 3 x 3 x 3 kernel `weight` (out, in, 3, 3, 3), in one batched 2-D convolution."""
+    n, channels, _, rows, columns = planes.shape
+    batch = planes.transpose(1, 2).reshape(n * 3, channels, rows, columns)  # plane-major
+    taps = weight.permute(2, 0, 1, 3, 4).reshape(-1, channels, *weight.shape[3:])  # (3 taps x out, in, 3, 3)
+    bias = None if bias is None else bias.repeat(3)
+    return F.conv2d(batch, taps, bias, padding=1).view(n, 3, 3, weight.shape[0], rows, columns)
+
+
+def lifted_conv(conv: nn.Conv3d, planes: Tensor, size: int) -> Tensor:
+    """The planes (N, out, 3, rows, columns) of conv(Lifted(planes 3 x the 2-D map, size).volume()) for a 3 x 3 x 3
+    conv with padding 1 (LiftToVolume's): along the lifted axis every tap reads the same map, except on the first and
+    last planes, where one tap reads the zero padding."""
+    responses = tap_responses(planes, conv.weight)  # (N, 3, 3 taps, out, rows, columns); the 3 planes are equal
+    first, middle, last = responses[:, 0].unbind(1)
+    bias = 0 if conv.bias is None else conv.bias.view(1, -1, 1, 1)
+    return torch.stack([middle + last + bias, first + middle + last + bias, first + middle + bias], dim=2)
+
+
+def lifted_instance_norm(planes: Tensor, size: int, eps: float) -> Tensor:
+    """instance_norm of Lifted(planes, size).volume(), on the planes: statistics of the whole volume (the inner plane
+    counted size - 2 times) in float64, biased variance, eps inside the square root."""
+    values = planes.double()
+    counts = values.new_tensor([1.0, size - 2.0, 1.0]).view(1, 1, 3, 1, 1)
+    total = size * planes.shape[3] * planes.shape[4]
+    mean = (values * counts).sum(dim=(2, 3, 4), keepdim=True) / total
+    variance = ((values - mean) ** 2 * counts).sum(dim=(2, 3, 4), keepdim=True) / total
+    return ((values - mean) / torch.sqrt(variance + eps)).to(planes.dtype)
