@@ -44,10 +44,10 @@ def evaluate(methods: Dict[str, Method], data: Union[str, Path], split: str = "t
 
 def model_method(model_path: Union[str, Path], device: str = "cpu") -> Method:
     """The volumes a CT2X model file's network reconstructs from the films it reads."""
-    from ct2x import models
+    from ct2x.reconstruct import film_views, load_recon_model
 
-    network, info = models.load(model_path, device=device)
-    films = info.inputs.get("films", ["pa", "lateral"] if info.kind == "x2ct-biplanar" else ["pa"])
+    network, info = load_recon_model(model_path, device)
+    films = film_views(info)
 
     def reconstruct(pa: np.ndarray, lateral: np.ndarray) -> np.ndarray:
         given = {"pa": pa, "lateral": lateral}

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ct2x.data.films import PreparedFilm, prepare_film
-from ct2x.data.x2ct_convention import CUBE_MM, FILM_PX, cube_affine, ct_cube, official_films
+from ct2x.data.x2ct_convention import CUBE_MM, FILM_PX, ct_cube, cube_affine, official_films
 from ct2x.errors import CT2XInputError
 from ct2x.models import LoadedModel, ModelInfo
 from ct2x.preprocess import x2ct_denormalize, x2ct_normalize
@@ -32,8 +32,7 @@ from ct2x.volume import CTVolume
 
 PathLike = Union[str, os.PathLike]
 FilmInput = Union[PathLike, np.ndarray, PreparedFilm]
-KIND_PREFIX = "x2ct-"  # the films -> CT networks of ct2x.models.architectures
-VIEWS_BY_KIND = {"x2ct-single": ("pa",)}  # other x2ct-* kinds read a PA and a lateral film
+VIEWS_BY_KIND = {"x2ct-biplanar": ("pa", "lateral"), "x2ct-single": ("pa",)}  # for files naming no films
 CUBE_CENTER_RAS = np.zeros(3)  # the reconstructed cube's centre, RAS mm: films carry no position
 PRECISIONS = ("fp32", "bf16")  # bf16: autocast bfloat16 for the 3-D part; output within 1 % of fp32 (bench/RESULTS.md)
 Progress = Callable[[float], None]  # fraction of the network's work done, 0 ... 1; raising in it stops the run
@@ -72,17 +71,18 @@ def recon_model_file(model: PathLike) -> Tuple[Path, ModelInfo]:
 
 
 def check_kind(info: ModelInfo) -> None:
-    """CT2XInputError unless the model is a films -> CT network (an x2ct-* kind)."""
-    from ct2x.models import known_kinds
-
-    if not info.kind.startswith(KIND_PREFIX):
-        raise CT2XInputError(f"the model is a {info.kind!r} network, not one that turns films into a CT "
-                             f"({', '.join(kind for kind in known_kinds() if kind.startswith(KIND_PREFIX))})")
+    """CT2XInputError unless the model turns films into a CT: its file names the films it reads (inputs "films") and
+    the volume it makes (outputs "volume"), as `ct2x train recon` and `ct2x models import` write them; X2CT-GAN's
+    kinds are known without."""
+    if info.kind in VIEWS_BY_KIND or ("films" in info.inputs and "volume" in info.outputs):
+        return
+    raise CT2XInputError(f"the model is a {info.kind!r} network, not one that turns films into a CT (its file names "
+                         "no films in and no volume out)")
 
 
 def film_views(info: ModelInfo) -> Tuple[str, ...]:
     """The films the network reads, in its argument order: ("pa", "lateral") or ("pa",)."""
-    views = tuple(info.inputs.get("films", VIEWS_BY_KIND.get(info.kind, ("pa", "lateral"))))
+    views = tuple(info.inputs.get("films", VIEWS_BY_KIND.get(info.kind, ())))
     if views not in (("pa",), ("pa", "lateral")):
         raise CT2XInputError(f"the model file's inputs name the films {list(views)}; ct2x reads ['pa'] or "
                              "['pa', 'lateral']")
@@ -126,8 +126,9 @@ def reconstruct(model: Union[PathLike, LoadedModel], pa: FilmInput, lateral: Opt
                 device: str = "cpu", precision: str = "fp32", progress: Optional[Progress] = None) -> CTVolume:
     """The CT (HU, the convention's cube about RAS (0, 0, 0)) that `model` reconstructs from the films.
 
-    model: a model file, registry name or loaded model of an x2ct-* kind. pa, lateral: film files, arrays or
-    `PreparedFilm`s of the model's film size; files and arrays are prepared with `prepare_film`'s detection.
+    model: a model file, registry name or loaded model of a films -> CT network (`check_kind`). pa, lateral: film
+    files, arrays or `PreparedFilm`s of the model's film size; files and arrays are prepared with `prepare_film`'s
+    detection.
     precision: "fp32", or "bf16" (bfloat16 autocast; the films' 2-D encoders stay float32). progress: called with
     the fraction of the network's work done; an exception raised in it stops the run and leaves this function.
     """

@@ -19,11 +19,11 @@ from ct2x.data.films import prepare_film
 from ct2x.data.x2ct_convention import cube_affine, official_films
 from ct2x.errors import CT2XInputError
 from ct2x.io import load_ct
+from ct2x.metrics import METRICS
 from ct2x.models import ModelInfo, build_network, read_info, register_architecture, save_model
 from ct2x.nets.patch_discriminator import PatchDiscriminatorConfig
 from ct2x.nets.x2ct import PRESETS, X2CTGenerator, X2CTSingleViewGenerator
 from ct2x.phantoms import chest
-from ct2x.metrics import METRICS
 from ct2x.reconstruct import PRECISIONS, compare_to_reference, network_input_picture, reconstruct, simulate_films
 from ct2x.volume import CTVolume
 
@@ -54,7 +54,8 @@ register_architecture(ORACLE, BackprojectionOracle)
 def biplanar_info(kind: str = "x2ct-biplanar", config: Optional[dict] = None) -> ModelInfo:
     return ModelInfo(kind=kind, config=PRESETS["tiny64"].to_dict() if config is None else config,
                      license="Apache-2.0", inputs={"films": ["pa", "lateral"], "film_px": PX},
-                     outputs={"voxels": PX, "field_of_view_mm": FIELD_OF_VIEW_MM})
+                     outputs={"volume": "(N, 1, D, H, W), X2CT normalisation", "voxels": PX,
+                              "field_of_view_mm": FIELD_OF_VIEW_MM})
 
 
 @pytest.fixture(scope="module")

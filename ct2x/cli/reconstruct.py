@@ -35,8 +35,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "image right")
     parser.add_argument("--lateral", metavar="FILE", help="lateral film, facing either way (biplanar models)")
     parser.add_argument("--model", required=True, metavar="MODEL",
-                        help="CT2X model file (.safetensors) of kind x2ct-biplanar or x2ct-single, or a model name "
-                             "from `ct2x models list`")
+                        help="CT2X model file (.safetensors) of a films -> CT network (X2CT-GAN, CVAA-GAN), or a "
+                             "model name from `ct2x models list`")
     parser.add_argument("--out", required=True, metavar="CT",
                         help=f"the CT to write: {', '.join(CT_SUFFIXES)}; the network's input goes beside it as "
                              f"NAME{PICTURE_SUFFIX}")

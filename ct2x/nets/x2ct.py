@@ -148,7 +148,8 @@ class FilmBranch(nn.Module):
         self.head = output_head(levels[0])
 
     def encode(self, film: Tensor) -> Tuple[Tensor, List[Lifted]]:
-        """The coarsest volume (N, C5, S/32, S/32, S/32) and the lifted skips (`Lifted`: N, C_j, S/2^j, ...), j = 0 ... 4.
+        """The coarsest volume (N, C5, S/32, S/32, S/32) and the lifted skips (`Lifted`: N, C_j, S/2^j, ...),
+        j = 0 ... 4.
 
         The 2-D encoder and Connection-A run in float32 even under autocast: the dense encoder amplifies rounding
         (bfloat16 there moves a trained model's output by 2.5 % relative L2, against 0.65 % with it in float32)."""
