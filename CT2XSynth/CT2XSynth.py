@@ -322,15 +322,12 @@ class CT2XSynthLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def availableDevices() -> List[Tuple[str, str]]:
         """(torch device, label) pairs: the CPU, then each CUDA GPU by name; imports torch only if installed."""
-        devices = [("cpu", "CPU")]
         if not dependencies.torch_installed():
-            return devices
-        import torch
+            return [("cpu", "CPU")]
+        dependencies.add_core_to_path()
+        from ct2x.device import available_devices
 
-        if torch.backends.cuda.is_built() and torch.cuda.is_available():
-            devices += [(f"cuda:{i}", f"GPU {i}: {torch.cuda.get_device_name(i)}")
-                        for i in range(torch.cuda.device_count())]
-        return devices
+        return available_devices()
 
     @staticmethod
     def newFilmNode(inputVolumeNode, suffix: str):

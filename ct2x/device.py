@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Union
+from typing import List, Tuple, Union
 
 import torch
 
@@ -25,3 +25,12 @@ def torch_device(name: Union[str, torch.device]) -> torch.device:
     if device.index is not None and device.index >= torch.cuda.device_count():
         raise CT2XInputError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here, numbered from 0")
     return device
+
+
+def available_devices() -> List[Tuple[str, str]]:
+    """(device name, label) of each device torch can use here: the CPU, then each CUDA GPU by name."""
+    devices = [("cpu", "CPU")]
+    if torch.backends.cuda.is_built() and torch.cuda.is_available():
+        devices += [(f"cuda:{i}", f"GPU {i}: {torch.cuda.get_device_name(i)}")
+                    for i in range(torch.cuda.device_count())]
+    return devices
