@@ -160,6 +160,15 @@ def test_network_input_picture_is_what_the_network_read(models, real_films):
         assert np.abs(picture[:, columns] / 255.0 - read[0, 0].numpy()).max() <= 0.5 / 255 + 1e-6
 
 
+def test_any_kind_whose_file_names_films_and_volume_reconstructs(real_films, tmp_path):
+    from ct2x.nets.cvaa import PRESETS as CVAA_PRESETS
+
+    config = CVAA_PRESETS["tiny64"].to_dict()
+    path = save_model(tmp_path / "cvaa.safetensors", build_network("cvaa-biplanar", config),
+                      biplanar_info("cvaa-biplanar", config))
+    assert reconstruct(path, real_films["pa"], real_films["lateral"]).hu.shape == (PX,) * 3
+
+
 class Stop(Exception):
     """Raised by a progress callback to stop a reconstruction (as a Cancel button does)."""
 

@@ -60,7 +60,7 @@ def test_learning_rate_is_constant_then_falls_linearly():
 
 def test_bad_settings_are_refused():
     with pytest.raises(CT2XInputError, match="unknown"):
-        TrainConfig(model="cvaa")
+        TrainConfig(model="no-such-model")
     with pytest.raises(CT2XInputError, match="decay_steps"):
         TrainConfig(steps=5, decay_steps=6)
     with pytest.raises(CT2XInputError, match="unknown settings"):

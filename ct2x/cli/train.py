@@ -22,8 +22,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "`ct2x prepare recon`. Writes config.json, log.csv, samples/, checkpoint.pt and model.safetensors "
                     "into the run folder; --resume continues a stopped run exactly.")
     parser.add_argument("task", choices=("recon",), help="recon: films -> CT")
-    parser.add_argument("--model", choices=("x2ct", "x2ct-single"), default="x2ct",
-                        help="x2ct: PA + lateral (X2CT-GAN+B); x2ct-single: PA only (+S) (default %(default)s)")
+    parser.add_argument("--model", choices=("x2ct", "x2ct-single", "cvaa"), default="x2ct",
+                        help="x2ct: PA + lateral (X2CT-GAN+B); x2ct-single: PA only (+S); cvaa: PA + lateral "
+                             "(CVAA-GAN, view-attention fusion) (default %(default)s)")
     parser.add_argument("--data", required=True, metavar="DIR", help="prepared folder (`ct2x prepare recon`)")
     parser.add_argument("--out", required=True, metavar="RUN", help="run folder (new, or the run to --resume)")
     parser.add_argument("--preset", choices=PRESETS, default="full",
@@ -53,9 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ct2x.data.prepare_recon import SETTINGS_FILE
     from ct2x.device import torch_device
-    from ct2x.nets.patch_discriminator import PatchDiscriminatorConfig
-    from ct2x.nets.x2ct import X2CTConfig
-    from ct2x.train.config import CONFIG_FILE, TrainConfig
+    from ct2x.train.config import CONFIG_FILE, TrainConfig, network_configs
     from ct2x.train.trainer import Trainer
 
     run_dir = Path(args.out).expanduser()
@@ -75,16 +74,13 @@ def run(args: argparse.Namespace) -> int:
             raise CT2XInputError(f"--data {args.data}: no {SETTINGS_FILE}; prepare it with `ct2x prepare recon`")
         prepared = json.loads(settings_file.read_text(encoding="utf-8"))["settings"]
         if prepared["ct_voxels"] != prepared["film_px"]:
-            raise CT2XInputError(f"--data {args.data}: X2CT networks need films as wide as the CT cube; it has "
+            raise CT2XInputError(f"--data {args.data}: the networks need films as wide as the CT cube; it has "
                                  f"{prepared['film_px']} px films and {prepared['ct_voxels']}^3 voxels")
-        size = prepared["ct_voxels"]
-        generator = (X2CTConfig(input_size=size) if args.preset == "full"
-                     else X2CTConfig.scaled(input_size=size, width=args.width, depth=args.depth))
-        discriminator = (PatchDiscriminatorConfig() if args.preset == "full"
-                         else PatchDiscriminatorConfig(base_channels=max(1, round(64 * args.width))))
+        generator, discriminator = network_configs(args.model, prepared["ct_voxels"],
+                                                   None if args.preset == "full" else args.width, args.depth)
         config = TrainConfig(
             model=args.model, data=str(Path(args.data).expanduser().resolve()),
-            generator_config=generator.to_dict(), discriminator_config=discriminator.to_dict(), steps=args.steps,
+            generator_config=generator, discriminator_config=discriminator, steps=args.steps,
             decay_steps=args.steps // 2 if args.decay_steps is None else args.decay_steps,
             batch_size=args.batch_size, learning_rate=args.learning_rate, augment=not args.no_augment,
             seed=args.seed, workers=args.workers, checkpoint_every=args.checkpoint_every,

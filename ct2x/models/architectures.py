@@ -23,6 +23,8 @@ ARCHITECTURES: Dict[str, Builder] = {
     "x2ct-biplanar": "ct2x.nets.x2ct:build_generator",  # X2CT-GAN+B: PA + lateral films -> CT
     "x2ct-single": "ct2x.nets.x2ct:build_single_view_generator",  # X2CT-GAN+S: PA film -> CT
     "patch-discriminator-3d": "ct2x.nets.patch_discriminator:build_patch_discriminator",  # X2CT-GAN's conditional D
+    "cvaa-biplanar": "ct2x.nets.cvaa:build_generator",  # CVAA-GAN: PA + lateral films -> CT
+    "cvaa-discriminator-3d": "ct2x.nets.cvaa:build_discriminator",  # CVAA-GAN's conditional D (films lifted)
 }
 
 

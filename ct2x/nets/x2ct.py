@@ -134,8 +134,8 @@ class CodeToVolume(nn.Module):
         return volume.view(-1, *self.shape)  # (N, channels, s, s, s) in the branch layout
 
 
-class FilmBranch(nn.Module):
-    """One film's encoder, Connection-A, Connection-B (one per skip level) and 3-D decoder, in the branch layout."""
+class FilmEncoder(nn.Module):
+    """One film's encoder, Connection-A and Connection-B (one per skip level), in the branch layout."""
 
     def __init__(self, config: X2CTConfig) -> None:
         super().__init__()
@@ -144,8 +144,6 @@ class FilmBranch(nn.Module):
         self.encoder = DenseEncoder2d(config)
         self.to_volume = CodeToVolume(channels[-1], levels[-1], config.input_size // 32, config.dropout)
         self.skips = nn.ModuleList(LiftToVolume(channels[j], levels[j]) for j in range(ENCODER_STAGES))
-        self.levels = decoder_levels(levels, config.view_decoder_blocks)
-        self.head = output_head(levels[0])
 
     def encode(self, film: Tensor) -> Tuple[Tensor, List[Lifted]]:
         """The coarsest volume (N, C5, S/32, S/32, S/32) and the lifted skips (`Lifted`: N, C_j, S/2^j, ...),
@@ -157,6 +155,15 @@ class FilmBranch(nn.Module):
             features, code = self.encoder(film.float())
             volume = self.to_volume(code)
         return volume, [lift.lift(feature) for lift, feature in zip(self.skips, features)]
+
+
+class FilmBranch(FilmEncoder):
+    """One film's `FilmEncoder` and its own 3-D decoder, in the branch layout."""
+
+    def __init__(self, config: X2CTConfig) -> None:
+        super().__init__(config)
+        self.levels = decoder_levels(config.decoder_channels, config.view_decoder_blocks)
+        self.head = output_head(config.decoder_channels[0])
 
 
 class X2CTSingleViewGenerator(FilmBranch):

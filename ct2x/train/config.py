@@ -7,6 +7,7 @@ names the networks and the objective of each model the command line can train.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,11 +16,17 @@ from typing import Any, Dict, Optional, Tuple
 from ct2x.errors import CT2XInputError
 
 CONFIG_FILE = "config.json"  # a run folder's settings
-RECIPES: Dict[str, Dict[str, Any]] = {  # model name -> what to train (objective, generator, discriminator, films)
+X2CT_CONFIGS = {"generator_config": "ct2x.nets.x2ct:X2CTConfig",
+                "discriminator_config": "ct2x.nets.patch_discriminator:PatchDiscriminatorConfig"}
+RECIPES: Dict[str, Dict[str, Any]] = {  # model name -> what to train (objective, generator, discriminator, films,
+    # and the "module:class" of each network's configuration, see `network_configs`)
     "x2ct": {"objective": "recon-gan", "generator": "x2ct-biplanar", "discriminator": "patch-discriminator-3d",
-             "films": ("pa", "lateral")},
+             "films": ("pa", "lateral"), **X2CT_CONFIGS},
     "x2ct-single": {"objective": "recon-gan", "generator": "x2ct-single", "discriminator": "patch-discriminator-3d",
-                    "films": ("pa",)},
+                    "films": ("pa",), **X2CT_CONFIGS},
+    "cvaa": {"objective": "recon-gan", "generator": "cvaa-biplanar", "discriminator": "cvaa-discriminator-3d",
+             "films": ("pa", "lateral"), "generator_config": "ct2x.nets.cvaa:CVAAConfig",
+             "discriminator_config": "ct2x.nets.cvaa:CVAADiscriminatorConfig"},
 }
 
 
@@ -90,3 +97,23 @@ class TrainConfig:
         except (OSError, ValueError) as error:
             raise CT2XInputError(f"{path}: not a readable training configuration ({error})") from None
         return cls.from_dict({**data, **(overrides or {})})
+
+
+def network_configs(model: str, input_size: int, width: Optional[float] = None,
+                    depth: float = 0.5) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """The generator's and discriminator's configurations (JSON values) of the RECIPES `model` for films and volumes
+    of `input_size`: the full networks, or with `width` scaled ones (`scaled(input_size, width, depth)` for the
+    generator, the discriminator's base_channels times `width`)."""
+    generator, discriminator = (_config_class(RECIPES[model][key]) for key in ("generator_config",
+                                                                                "discriminator_config"))
+    if width is None:
+        return generator(input_size=input_size).to_dict(), discriminator().to_dict()
+    narrow = max(1, round(discriminator().base_channels * width))
+    return (generator.scaled(input_size=input_size, width=width, depth=depth).to_dict(),
+            discriminator(base_channels=narrow).to_dict())
+
+
+def _config_class(name: str) -> Any:
+    """The class a "module:class" string names (its module imported now)."""
+    module, _, attribute = name.partition(":")
+    return getattr(importlib.import_module(module), attribute)
