@@ -33,6 +33,7 @@ from ct2x.volume import CTVolume
 PathLike = Union[str, os.PathLike]
 FilmInput = Union[PathLike, np.ndarray, PreparedFilm]
 VIEWS_BY_KIND = {"x2ct-biplanar": ("pa", "lateral"), "x2ct-single": ("pa",)}  # for files naming no films
+RECONSTRUCTION_KINDS = ("x2ct-biplanar", "x2ct-single", "cvaa-biplanar")  # the films -> CT kinds ct2x builds
 CUBE_CENTER_RAS = np.zeros(3)  # the reconstructed cube's centre, RAS mm: films carry no position
 PRECISIONS = ("fp32", "bf16")  # bf16: autocast bfloat16 for the 3-D part; output within 1 % of fp32 (bench/RESULTS.md)
 Progress = Callable[[float], None]  # fraction of the network's work done, 0 ... 1; raising in it stops the run

@@ -25,9 +25,9 @@ Slicer's behaviour as possible (the Slicer source they restate is named):
 - ``slicer.parameterNodeWrapper``: ``parameterNodeWrapper``, ``WithinRange`` and ``Choice`` for the types the
   modules use (float, int, bool, str, MRML nodes), stored in the parameter node as Slicer's serializers store them
   and validated on every write (defaults included); values are read from the node each time (Slicer caches them).
-- ``qt``: an empty module. CT2XSynth.py imports it for its widget; the logic, the self-test and
-  ``util.delayDisplay`` below 400 ms never use it.
-- Subject hierarchy (`SubjectHierarchyPluginLogic`): an item for every added volume or transform node, removed
+- ``qt``: an empty module. CT2XSynth.py and CT2XReconstruct.py import it for their widgets; the logics, the
+  self-tests and ``util.delayDisplay`` below 400 ms never use it.
+- Subject hierarchy (`SubjectHierarchyPluginLogic`): an item for every added volume, transform or table node, removed
   with its node, and the hierarchy resolved after a scene close, as qSlicerSubjectHierarchyPluginLogic does (it is
   Qt code, so slicer-core has no items for new nodes).
 - The Colors logic is the base vtkMRMLColorLogic registered with the application logic (without it every volume
@@ -50,8 +50,12 @@ import vtk
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "CT2XSynth"
-ISOLATED_MODULES = ("slicer", "qt", "CT2XSynth", "CT2XSynthLib")  # with their submodules
-SUBJECT_HIERARCHY_PLUGINS = (("vtkMRMLScalarVolumeNode", "Volumes"), ("vtkMRMLTransformNode", "Transforms"))
+RECONSTRUCT_MODULE_DIR = ROOT / "CT2XReconstruct"
+MODULE_DIRS = (MODULE_DIR, RECONSTRUCT_MODULE_DIR)  # on sys.path, as Slicer's module paths
+ISOLATED_MODULES = ("slicer", "qt", "CT2XSynth", "CT2XSynthLib", "CT2XReconstruct",
+                    "CT2XReconstructLib")  # with their submodules
+SUBJECT_HIERARCHY_PLUGINS = (("vtkMRMLScalarVolumeNode", "Volumes"), ("vtkMRMLTransformNode", "Transforms"),
+                             ("vtkMRMLTableNode", "Tables"))
 SLICE_VIEWS = ("Red",)  # the view CT2XSynth shows films in
 VIEW_SIZE_PX = (320, 240)  # width, height of each slice view
 
@@ -214,6 +218,16 @@ class LayoutManager:
 
     def sliceWidget(self, name: str) -> Optional[SliceWidget]:
         return self._sliceWidgets.get(name)
+
+    def sliceViewNames(self) -> List[str]:
+        return list(self._sliceWidgets)
+
+    def mrmlSliceLogics(self):
+        """The slice logics, a vtkCollection (slicer.util.setSliceViewerLayers fits them)."""
+        sliceLogics = vtk.vtkCollection()
+        for sliceWidget in self._sliceWidgets.values():
+            sliceLogics.AddItem(sliceWidget.sliceLogic())
+        return sliceLogics
 
 
 class Application:
@@ -486,7 +500,7 @@ def slicer_application() -> Iterator[types.ModuleType]:
             sys.modules[name] = module
             setattr(slicer, name.split(".")[1], module)
         sys.modules["qt"] = _module("qt", "Stand-in: no Qt.")
-        sys.path.insert(0, str(MODULE_DIR))
+        sys.path[:0] = [str(folder) for folder in MODULE_DIRS]
         yield slicer
     finally:
         if subjectHierarchy is not None:

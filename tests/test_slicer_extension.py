@@ -22,6 +22,7 @@ MODULE = "CT2XSynth"
 MODULE_DIR = ROOT / MODULE
 MODULE_PY = MODULE_DIR / f"{MODULE}.py"
 UI_FILE = MODULE_DIR / "Resources" / "UI" / f"{MODULE}.ui"
+MODULES = ("CT2XSynth", "CT2XReconstruct")  # the extension's modules, each checked alike
 SCHEMA = ROOT / "tests" / "data" / "slicer-extension-catalog-entry-schema-v1.0.2.json"
 
 # Widget class -> parameter types its Slicer GUI connector accepts (slicer/parameterNodeWrapper/guiConnectors.py).
@@ -74,32 +75,33 @@ def _cmake_variables(path: Path) -> Dict[str, List[str]]:
     return variables
 
 
-def _ui_tree() -> ET.Element:
-    return ET.parse(UI_FILE).getroot()
+def _ui_tree(module: str = MODULE) -> ET.Element:
+    return ET.parse(ROOT / module / "Resources" / "UI" / f"{module}.ui").getroot()
 
 
-def _ui_widgets() -> Dict[str, ET.Element]:
-    return {w.get("name"): w for w in _ui_tree().iter("widget")}
+def _ui_widgets(module: str = MODULE) -> Dict[str, ET.Element]:
+    return {w.get("name"): w for w in _ui_tree(module).iter("widget")}
 
 
-def _bound_widgets() -> Dict[str, ET.Element]:
+def _bound_widgets(module: str = MODULE) -> Dict[str, ET.Element]:
     """SlicerParameterName -> widget element."""
     bound = {}
-    for widget in _ui_tree().iter("widget"):
+    for widget in _ui_tree(module).iter("widget"):
         for prop in widget.findall("property"):
             if prop.get("name") == "SlicerParameterName":
                 bound[prop.findtext("string")] = widget
     return bound
 
 
-def _parameter_node_fields() -> Dict[str, ast.expr]:
+def _parameter_node_fields(module: str = MODULE) -> Dict[str, ast.expr]:
     """Field name -> annotation of the @parameterNodeWrapper class in the module file."""
-    tree = ast.parse(MODULE_PY.read_text(encoding="utf-8"))
+    module_py = ROOT / module / f"{module}.py"
+    tree = ast.parse(module_py.read_text(encoding="utf-8"))
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and any(
                 isinstance(d, ast.Name) and d.id == "parameterNodeWrapper" for d in node.decorator_list):
             return {item.target.id: item.annotation for item in node.body if isinstance(item, ast.AnnAssign)}
-    raise AssertionError(f"no @parameterNodeWrapper class in {MODULE_PY}")
+    raise AssertionError(f"no @parameterNodeWrapper class in {module_py}")
 
 
 def _base_type(annotation: ast.expr) -> str:
@@ -116,11 +118,11 @@ def _annotation_calls(annotation: ast.expr) -> Set[str]:
     return {n.func.id for n in ast.walk(annotation) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
 
 
-def _module_files() -> Set[str]:
+def _module_files(module: str = MODULE) -> Set[str]:
     """Files of the module folder that Slicer must install (tests and CMake files excluded)."""
     files = set()
-    for path in MODULE_DIR.rglob("*"):
-        relative = path.relative_to(MODULE_DIR)
+    for path in (ROOT / module).rglob("*"):
+        relative = path.relative_to(ROOT / module)
         if (path.is_file() and relative.parts[0] != "Testing" and "__pycache__" not in relative.parts
                 and path.name != "CMakeLists.txt"):
             files.add(relative.as_posix())
@@ -136,19 +138,22 @@ def _png_size(path: Path) -> tuple:
 # --- CMake lists ---------------------------------------------------------------------------------------------
 
 
-def test_every_module_file_is_listed_in_the_module_cmakelists():
-    variables = _cmake_variables(MODULE_DIR / "CMakeLists.txt")
-    assert variables["MODULE_NAME"] == [MODULE]
+@pytest.mark.parametrize("module", MODULES)
+def test_every_module_file_is_listed_in_the_module_cmakelists(module):
+    variables = _cmake_variables(ROOT / module / "CMakeLists.txt")
+    assert variables["MODULE_NAME"] == [module]
     listed = variables["MODULE_PYTHON_SCRIPTS"] + variables["MODULE_PYTHON_RESOURCES"]
 
     assert len(listed) == len(set(listed)), "a file is listed twice"
-    assert _module_files() - set(listed) == set(), "not listed, so not installed with the extension"
-    assert set(listed) - _module_files() == set(), "listed but missing"
+    assert _module_files(module) - set(listed) == set(), "not listed, so not installed with the extension"
+    assert set(listed) - _module_files(module) == set(), "listed but missing"
     assert all(f.endswith(".py") for f in variables["MODULE_PYTHON_SCRIPTS"])
-    assert {f"{MODULE}Lib/__init__.py", f"{MODULE}.py"} <= set(variables["MODULE_PYTHON_SCRIPTS"])
+    assert {f"{module}Lib/__init__.py", f"{module}.py"} <= set(variables["MODULE_PYTHON_SCRIPTS"])
 
 
-def test_module_cmakelists_builds_the_module_and_its_self_test():
+@pytest.mark.parametrize("module", MODULES)
+def test_module_cmakelists_builds_the_module_and_its_self_test(module):
+    MODULE_DIR = ROOT / module
     commands = _cmake_commands(MODULE_DIR / "CMakeLists.txt")
     build = next(c for c in commands if c[0] == "slicermacrobuildscriptedmodule")
     assert {"SCRIPTS", "${MODULE_PYTHON_SCRIPTS}", "RESOURCES", "${MODULE_PYTHON_RESOURCES}"} <= set(build)
@@ -166,7 +171,8 @@ def test_top_level_cmakelists_declares_the_extension():
 
     assert ["project", "CT2X"] in commands
     assert ["find_package", "Slicer", "REQUIRED"] in commands
-    assert text.index(f"add_subdirectory({MODULE})") < text.index("## NEXT_MODULE")
+    for module in MODULES:
+        assert text.index(f"add_subdirectory({module})") < text.index("## NEXT_MODULE")
     assert text.index("## NEXT_MODULE") < text.index("include(${Slicer_EXTENSION_CPACK})")
     for name in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS", "DEPENDS"):
         assert variables[f"EXTENSION_{name}"] and variables[f"EXTENSION_{name}"][0], name
@@ -182,7 +188,8 @@ def test_icon_and_screenshot_urls_point_at_pngs_in_the_repository():
         assert url.startswith(raw_prefix), url
         _png_size(ROOT / url[len(raw_prefix):])
     assert _png_size(ROOT / variables["EXTENSION_ICONURL"][0][len(raw_prefix):]) == (128, 128)
-    assert _png_size(MODULE_DIR / "Resources" / "Icons" / f"{MODULE}.png") == (128, 128)
+    for module in MODULES:
+        assert _png_size(ROOT / module / "Resources" / "Icons" / f"{module}.png") == (128, 128)
 
 
 def test_the_core_package_globs_cover_every_file_of_ct2x():
@@ -226,22 +233,37 @@ def test_catalog_validation_rejects_an_unknown_key():
 # --- .ui and parameter node ----------------------------------------------------------------------------------
 
 
-def test_every_ui_name_the_module_python_uses_exists_in_the_ui():
+# Per module: widgets its Python must use, and fields bound to widgets (so a rename on either side is caught).
+UI_NAMES_USED = {
+    "CT2XSynth": {"applyButton", "statusLabel", "deviceComboBox", "generateSeriesButton"},
+    "CT2XReconstruct": {"reconstructButton", "cancelButton", "progressBar", "statusLabel", "deviceComboBox",
+                        "modelComboBox", "metricsTableView", "simulateButton", "importOfficialButton"},
+}
+BOUND_FIELDS = {
+    "CT2XSynth": {"inputVolume", "outputVolume", "primaryAngleDeg", "secondaryAngleDeg", "liveUpdate"},
+    "CT2XReconstruct": {"paVolume", "paFile", "lateralVolume", "lateralFile", "modelFile", "invert", "crop",
+                        "lateralFacing", "precision", "outputVolume", "referenceVolume", "simulateVolume"},
+}
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_every_ui_name_the_module_python_uses_exists_in_the_ui(module):
     used = set()
-    for path in MODULE_DIR.rglob("*.py"):
+    for path in (ROOT / module).rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
                     and node.value.attr == "ui" and isinstance(node.value.value, ast.Name)
                     and node.value.value.id == "self"):
                 used.add(node.attr)
 
-    assert {"applyButton", "statusLabel", "deviceComboBox", "generateSeriesButton"} <= used
-    assert used - set(_ui_widgets()) == set()
+    assert UI_NAMES_USED[module] <= used
+    assert used - set(_ui_widgets(module)) == set()
 
 
-def test_every_bound_widget_is_a_parameter_node_field_of_a_type_its_connector_accepts():
-    fields = _parameter_node_fields()
-    bound = _bound_widgets()
+@pytest.mark.parametrize("module", MODULES)
+def test_every_bound_widget_is_a_parameter_node_field_of_a_type_its_connector_accepts(module):
+    fields = _parameter_node_fields(module)
+    bound = _bound_widgets(module)
 
     assert set(bound) - set(fields) == set(), "SlicerParameterName without a parameter-node field"
     for name, widget in bound.items():
@@ -251,11 +273,12 @@ def test_every_bound_widget_is_a_parameter_node_field_of_a_type_its_connector_ac
             assert "Choice" in _annotation_calls(annotation), f"{name}: a QComboBox needs Choice([...])"
         if widget_class == "ctkSliderWidget":
             assert "WithinRange" in _annotation_calls(annotation), f"{name}: a slider needs WithinRange"
-    assert {"inputVolume", "outputVolume", "primaryAngleDeg", "secondaryAngleDeg", "liveUpdate"} <= set(bound)
+    assert BOUND_FIELDS[module] <= set(bound)
 
 
-def test_parameter_node_annotations_run_on_python_3_9():
-    for name, annotation in _parameter_node_fields().items():
+@pytest.mark.parametrize("module", MODULES)
+def test_parameter_node_annotations_run_on_python_3_9(module):
+    for name, annotation in _parameter_node_fields(module).items():
         assert not any(isinstance(n, ast.BinOp) for n in ast.walk(annotation)), f"{name}: `X | Y` fails on 3.9"
 
 
@@ -280,10 +303,37 @@ def test_ui_layout_has_the_sections_scene_connections_and_ranges():
     assert "SlicerParameterName" not in {p.get("name") for p in widgets["deviceComboBox"].findall("property")}
 
 
+def test_reconstruct_ui_has_the_sections_scene_connections_and_hand_filled_combo_boxes():
+    module = "CT2XReconstruct"
+    root = _ui_tree(module)
+    widgets = _ui_widgets(module)
+    top = root.find("widget")
+    sections = {w.findtext("property[@name='text']/string"): w for w in root.iter("widget")
+                if w.get("class") == "ctkCollapsibleButton"}
+    scene_signal = "mrmlSceneChanged(vtkMRMLScene*)"
+    receivers = {c.findtext("receiver") for c in root.iter("connection")
+                 if c.findtext("sender") == top.get("name") and c.findtext("signal") == scene_signal}
+
+    assert top.get("class") == "qMRMLWidget" and top.get("name") == module
+    assert list(sections) == ["Inputs", "Model", "Preprocessing", "Outputs", "Reference CT", "Simulate films",
+                              "Advanced"]
+    for name in ("Reference CT", "Simulate films", "Advanced"):
+        assert sections[name].findtext("property[@name='collapsed']/bool") == "true", name
+    assert receivers == {n for n, w in widgets.items() if w.get("class") in ("qMRMLNodeComboBox", "qMRMLTableView")}
+    assert widgets["outputVolumeSelector"].findtext("property[@name='noneEnabled']/bool") == "true"  # create new
+    for name in ("deviceComboBox", "modelComboBox"):  # filled at run time, synchronised by hand
+        assert "SlicerParameterName" not in {p.get("name") for p in widgets[name].findall("property")}
+    for name, choices in (("invertComboBox", ["auto", "yes", "no"]), ("cropComboBox", ["auto", "none"]),
+                          ("lateralFacingComboBox", ["auto", "left", "right"]),
+                          ("precisionComboBox", ["fp32", "bf16"])):
+        assert [item.findtext("property/string") for item in widgets[name].findall("item")] == choices, name
+
+
 # --- Python 3.9 and lazy imports ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", sorted(MODULE_DIR.rglob("*.py")), ids=lambda p: p.relative_to(ROOT).as_posix())
+@pytest.mark.parametrize("path", sorted(p for module in MODULES for p in (ROOT / module).rglob("*.py")),
+                         ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_module_python_parses_as_python_3_9(path):
     ast.parse(path.read_text(encoding="utf-8"), filename=str(path), feature_version=(3, 9))
 
@@ -306,12 +356,27 @@ def _top_level_imports(path: Path) -> Set[str]:
     return names
 
 
-def test_the_module_imports_neither_torch_nor_ct2x_when_slicer_loads_it():
-    module_imports = _top_level_imports(MODULE_PY)
-    assert {"slicer", "qt", "CT2XSynthLib"} <= module_imports
-    lib = MODULE_DIR / f"{MODULE}Lib"
-    for path in (MODULE_PY, lib / "__init__.py", lib / "dependencies.py"):  # what loading the module imports
-        assert _top_level_imports(path) & {"torch", "ct2x", "tqdm"} == set(), path.name
+@pytest.mark.parametrize("module", MODULES)
+def test_the_module_imports_neither_torch_nor_ct2x_when_slicer_loads_it(module):
+    module_py = ROOT / module / f"{module}.py"
+    assert {"slicer", "qt", f"{module}Lib"} <= _top_level_imports(module_py)
+    loaded = _lib_files_imported_by(module_py, module)
+    assert ROOT / module / f"{module}Lib" / "dependencies.py" in loaded
+    for path in [module_py] + loaded:  # what loading the module imports
+        assert path.is_file() and _top_level_imports(path) & {"torch", "ct2x", "tqdm"} == set(), path.name
+
+
+def _lib_files_imported_by(module_py: Path, module: str) -> List[Path]:
+    """The <module>Lib files a module file imports at its top level (`from <module>Lib import x`, `from
+    <module>Lib.x import y`), with the package's __init__.py."""
+    lib = ROOT / module / f"{module}Lib"
+    files = {lib / "__init__.py"}
+    for node in ast.parse(module_py.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.ImportFrom) and node.module == f"{module}Lib":
+            files |= {lib / f"{alias.name}.py" for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(f"{module}Lib."):
+            files.add(lib / f"{node.module.split('.')[1]}.py")
+    return sorted(files)
 
 
 def test_only_the_vtk_bridge_imports_vtk_in_the_core():
@@ -334,3 +399,20 @@ def test_values_the_module_restates_match_the_core():
     assert restated == {"SPECTRA": list(SPECTRA), "SOURCE_TO_DETECTOR_MM": geometry.SOURCE_TO_DETECTOR_MM,
                         "SOURCE_TO_ISOCENTER_MM": geometry.SOURCE_TO_ISOCENTER_MM,
                         "DETECTOR_SIZE_PX": geometry.DETECTOR_SIZE_PX}
+
+
+def test_values_the_reconstruct_module_restates_match_the_core():
+    """CT2XReconstruct restates the preprocessing choices, precisions and model kinds (importing them imports
+    torch)."""
+    from ct2x.data.films import CROP_CHOICES, FACING_CHOICES, INVERT_CHOICES
+    from ct2x.reconstruct import PRECISIONS, RECONSTRUCTION_KINDS
+
+    names = ("INVERT_CHOICES", "CROP_CHOICES", "FACING_CHOICES", "PRECISIONS", "RECON_KINDS")
+    module_py = ROOT / "CT2XReconstruct" / "CT2XReconstruct.py"
+    restated = {node.targets[0].id: ast.literal_eval(node.value)
+                for node in ast.parse(module_py.read_text(encoding="utf-8")).body
+                if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+                and node.targets[0].id in names}
+    assert restated == {"INVERT_CHOICES": list(INVERT_CHOICES), "CROP_CHOICES": list(CROP_CHOICES),
+                        "FACING_CHOICES": list(FACING_CHOICES), "PRECISIONS": list(PRECISIONS),
+                        "RECON_KINDS": list(RECONSTRUCTION_KINDS)}

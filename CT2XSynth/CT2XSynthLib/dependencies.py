@@ -1,4 +1,4 @@
-"""Python dependencies of CT2XSynth, provided on first use, never at Slicer start-up.
+"""Python dependencies of CT2XSynth and CT2XReconstruct, provided on first use, never at Slicer start-up.
 
 - ``ct2x``, the core package, ships with the extension: the top-level CMakeLists.txt installs it next to the module
   scripts (a folder on Slicer's sys.path). From a source checkout it sits at the repository root, which
@@ -55,11 +55,11 @@ def ensure_torch() -> None:
             "restart Slicer and try again.") from None
     interactive = not (slicer.app.testingEnabled() or slicer.app.commandOptions().noMainWindow)
     if interactive and not slicer.util.confirmOkCancelDisplay(
-            "CT2X renders X-rays with PyTorch, which is not installed yet.\n\n"
+            "CT2X renders X-rays and reconstructs CTs with PyTorch, which is not installed yet.\n\n"
             "Install it now through the PyTorch extension? This downloads about 1-3 GB and may take several "
             "minutes.", detailedText=f"Packages: torch{TORCH_REQUIREMENT} (CPU or CUDA build chosen by "
                                      "light-the-torch for this computer's GPU driver)."):
-        raise RuntimeError("PyTorch is needed to render X-rays; installation was cancelled.")
+        raise RuntimeError("CT2X needs PyTorch; its installation was cancelled.")
     torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False,
                                                           torchVersionRequirement=TORCH_REQUIREMENT)
     if torch is None:
