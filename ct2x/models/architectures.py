@@ -25,6 +25,8 @@ ARCHITECTURES: Dict[str, Builder] = {
     "patch-discriminator-3d": "ct2x.nets.patch_discriminator:build_patch_discriminator",  # X2CT-GAN's conditional D
     "cvaa-biplanar": "ct2x.nets.cvaa:build_generator",  # CVAA-GAN: PA + lateral films -> CT
     "cvaa-discriminator-3d": "ct2x.nets.cvaa:build_discriminator",  # CVAA-GAN's conditional D (films lifted)
+    "ct2x-gan": "ct2x.nets.ct2x_gan:build_generator",  # CT2X-GAN's generator side: CT + pose + style film -> film
+    "ct2x-gan-discriminator": "ct2x.nets.ct2x_gan_discriminator:build_discriminator",  # its pose-aware D
 }
 
 
