@@ -388,10 +388,14 @@ class CT2XReconstructWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             if not slicer.util.confirmOkCancelDisplay(self.logic.downloadQuestion(name)):
                 return
-            run = BackgroundRun(lambda progress: self.logic.downloadModel(name)).start()
-            while not run.wait(0.1):  # the download reports no fraction; keep the GUI responsive meanwhile
+            run = BackgroundRun(lambda progress: self.logic.downloadModel(name, progress)).start()
+            while not run.wait(0.1):  # keep the GUI responsive meanwhile
+                self.ui.progressBar.setValue(int(round(100 * run.fraction)))
+                self.ui.statusLabel.text = _("Downloading {name}: {percent:.0f} %").format(
+                    name=name, percent=100 * run.fraction)
                 slicer.app.processEvents()
             run.result()
+            self.ui.progressBar.setValue(0)
             self.populateModels()
             self.ui.statusLabel.text = _("{name} downloaded and verified.").format(name=name)
 
@@ -523,12 +527,13 @@ class CT2XReconstructLogic(ScriptedLoadableModuleLogic):
                 f"{cache_path(entry)}? Its SHA256 is checked before first use.")
 
     @staticmethod
-    def downloadModel(name: str) -> Path:
-        """The registry model's file, downloaded into the cache (SHA256 verified) unless it is there already."""
+    def downloadModel(name: str, progress: Optional[Callable[[float], None]] = None) -> Path:
+        """The registry model's file, downloaded into the cache (SHA256 verified) unless it is there already;
+        `progress` is called with the fraction downloaded."""
         dependencies.add_core_to_path()
         from ct2x.models import download
 
-        return download(name, progress=False)
+        return download(name, progress=progress or False)
 
     @staticmethod
     def importOfficialModel(checkpoint: Union[str, Path], name: str, out: Optional[Union[str, Path]] = None) -> Path:

@@ -164,6 +164,26 @@ def test_download_verifies_caches_and_never_downloads_twice(server, cache, monke
     assert server.requests == ["/tiny.safetensors"]  # one request in all
 
 
+class StopDownload(Exception):
+    """Raised by a progress callback, as a Cancel button does."""
+
+
+def test_download_reports_its_fraction_and_a_stopped_download_leaves_nothing(server, cache, monkeypatch):
+    monkeypatch.setattr(cache_module, "CHUNK_BYTES", 16384)  # 7 pieces of the 102,400 bytes
+    entry = downloadable(f"{server.url}/tiny.safetensors")
+    fractions = []
+    download(entry, progress=fractions.append)
+    assert len(fractions) >= 2 and fractions == sorted(fractions) and fractions[-1] == 1.0
+
+    def stop(fraction: float) -> None:
+        raise StopDownload()
+
+    other = downloadable(f"{server.url}/tiny.safetensors", name="other")
+    with pytest.raises(StopDownload):
+        download(other, progress=stop)
+    assert cache_state(other) == "absent" and "other.safetensors" not in files_in(cache)
+
+
 def test_file_urls_download_too(tmp_path, cache):
     source = tmp_path / "published.safetensors"
     source.write_bytes(MODEL_BYTES)

@@ -20,7 +20,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Callable, Iterator, Union
 
 from ct2x.errors import CT2XInputError, CT2XWarning
 from ct2x.models.model_file import atomic_file, read_info
@@ -89,10 +89,12 @@ def cached_path(model: Model) -> Path:
     raise CT2XInputError(_how_to_get(entry, path))
 
 
-def download(model: Model, progress: bool = True) -> Path:
+def download(model: Model, progress: Union[bool, Callable[[float], None]] = True) -> Path:
     """The verified model file of `model`, downloaded into the cache unless it is there already.
 
-    `progress` shows a bar on stderr for downloads longer than PROGRESS_DELAY_S. DownloadError (an OSError) when the
+    `progress`: True shows a bar on stderr for downloads longer than PROGRESS_DELAY_S; a callable is called with the
+    fraction downloaded (0 ... 1) after each piece instead (an exception raised in it stops the download, which
+    leaves nothing in the cache). DownloadError (an OSError) when the
     server cannot be reached (the message says which file to fetch by hand and where to put it) or the download is
     damaged; CT2XInputError for weights that must be fetched by hand, with the instructions.
     """
@@ -121,7 +123,7 @@ def _entry(model: Model) -> RegistryEntry:
     return model if isinstance(model, RegistryEntry) else find_model(model)
 
 
-def _fetch(entry: RegistryEntry, destination: Path, progress: bool) -> str:
+def _fetch(entry: RegistryEntry, destination: Path, progress: Union[bool, Callable[[float], None]]) -> str:
     """Download `entry.url` into `destination`; returns its SHA256 (hex). DownloadError when the download fails or
     its size is not `entry.size_bytes`."""
     from tqdm import tqdm
@@ -129,7 +131,7 @@ def _fetch(entry: RegistryEntry, destination: Path, progress: bool) -> str:
     hasher = hashlib.sha256()
     received = 0  # bytes
     with open(destination, "wb") as file, tqdm(total=entry.size_bytes, unit="B", unit_scale=True, file=sys.stderr,
-                                               desc=f"downloading {entry.name}", disable=not progress,
+                                               desc=f"downloading {entry.name}", disable=progress is not True,
                                                delay=PROGRESS_DELAY_S) as bar:
         for chunk in _chunks(entry):
             received += len(chunk)
@@ -138,6 +140,8 @@ def _fetch(entry: RegistryEntry, destination: Path, progress: bool) -> str:
             hasher.update(chunk)
             file.write(chunk)
             bar.update(len(chunk))
+            if callable(progress):
+                progress(received / entry.size_bytes)
     if received > entry.size_bytes:
         raise DownloadError(f"{entry.url}: the file there is larger than the {entry.size_bytes} bytes expected, so it "
                             "is not the one this ct2x expects: deleted the download")
