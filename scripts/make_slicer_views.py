@@ -63,9 +63,8 @@ def snapshot(window: vtk.vtkRenderWindow) -> np.ndarray:
     return vtk_to_numpy(image.GetPointData().GetScalars()).reshape(height, width, 3)[::-1]
 
 
-def red_view(slicer) -> np.ndarray:
-    """The Red slice view: its slice logic's image (what qMRMLSliceView shows) drawn by an image actor."""
-    sliceLogic = slicer.app.layoutManager().sliceWidget("Red").sliceLogic()
+def slice_view(sliceLogic) -> np.ndarray:
+    """A slice view: its slice logic's image (what qMRMLSliceView shows) drawn by an image actor."""
     sliceLogic.ResizeSliceNode(VIEW_PX, VIEW_PX)
     sliceLogic.FitSliceToAll()
     mapper = vtk.vtkImageMapper()
@@ -121,8 +120,8 @@ def beam_outline(slicer, film) -> None:
     model.GetDisplayNode().SetLineWidth(2.0)
 
 
-def three_d_view(slicer, ctNode, film) -> np.ndarray:
-    """A 3-D view drawn by Slicer's displayable managers, looking at the beam from the side."""
+def three_d_view(slicer) -> tuple:
+    """A 3-D view drawn offscreen by Slicer's displayable managers: (its render window, the managers' group)."""
     scene, applicationLogic = slicer.mrmlScene, slicer.app.applicationLogic()
     renderer = vtk.vtkRenderer()
     window = offscreen_window(renderer)
@@ -142,7 +141,18 @@ def three_d_view(slicer, ctNode, film) -> np.ndarray:
     viewNode.SetBoxVisible(False)
     viewNode.SetAxisLabelsVisible(False)
     managers.SetMRMLDisplayableNode(viewNode)
+    return window, managers
 
+
+def camera_node(managers):
+    """The camera node of a `three_d_view`."""
+    return managers.GetDisplayableManagerByClassName("vtkMRMLCameraDisplayableManager").GetCameraNode()
+
+
+def beam_view(slicer, film) -> np.ndarray:
+    """The 3-D view looking at the film's beam from the side."""
+    window, managers = three_d_view(slicer)
+    camera = camera_node(managers)
     source = np.array([float(x) for x in film.GetAttribute("CT2X.sourceRAS").split()])
     bounds = np.zeros(6)
     film.GetRASBounds(bounds)
@@ -151,7 +161,6 @@ def three_d_view(slicer, ctNode, film) -> np.ndarray:
     up = np.array([0.0, 0.0, 1.0])
     side = np.cross(beam, up)
     focal = source + 0.55 * (filmCenter - source)
-    camera = managers.GetDisplayableManagerByClassName("vtkMRMLCameraDisplayableManager").GetCameraNode()
     camera.SetFocalPoint(*focal)
     camera.SetPosition(*(focal + 2400.0 * (0.9 * side - 0.15 * beam + 0.4 * up)))
     camera.SetViewUp(*up)
@@ -174,7 +183,8 @@ def main() -> None:
         CT2XSynth.CT2XSynthLogic().process(ctNode, film, args.angle)  # shows it in Red and on its plane in 3-D
         volume_rendering(slicer, ctNode)
         beam_outline(slicer, film)
-        picture = np.concatenate([red_view(slicer), three_d_view(slicer, ctNode, film)], axis=1)
+        red = slicer.app.layoutManager().sliceWidget("Red").sliceLogic()
+        picture = np.concatenate([slice_view(red), beam_view(slicer, film)], axis=1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(picture).save(args.out)
     print(f"wrote {args.out}")
