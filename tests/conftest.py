@@ -45,3 +45,31 @@ def data_dir() -> Path:
     if not value or not Path(value).is_dir():
         pytest.skip("real data not available: set CT2X_DATA_DIR to the shared data folder")
     return Path(value)
+
+
+# --- the Slicer modules on real MRML (tests marked "slicer", which skip without slicer-core) -------------------------
+@pytest.fixture(scope="module")
+def slicer_app():
+    """slicer-core's ``slicer`` with a scene, logics and stand-ins; other tests' ``slicer`` modules set aside."""
+    from slicer_stand_ins import slicer_application
+
+    with slicer_application() as slicer:
+        yield slicer
+
+
+@pytest.fixture
+def mrml_log():
+    """VTK errors and warnings of the test; a test that expects some empties the list."""
+    from slicer_stand_ins import MRMLLog
+
+    log = MRMLLog()
+    yield log
+    log.close()
+    assert log.messages == [], "MRML reported problems"
+
+
+@pytest.fixture
+def slicer(slicer_app, mrml_log):
+    """The application with an empty scene (as a module self-test's setUp leaves it)."""
+    slicer_app.mrmlScene.Clear()
+    return slicer_app

@@ -80,16 +80,17 @@ def models(tmp_path_factory) -> dict:
     }
 
 
-def chest_with_marker(marker: bool) -> CTVolume:
-    """The chest phantom on the 320 mm cube about RAS (0, 0, 0), 64^3, with a dense sphere at MARKER_RAS (the patient's
-    left, anterior, superior) or without."""
-    ct = chest(size=PX, spacing_mm=FIELD_OF_VIEW_MM / PX)
+def chest_with_marker(marker: bool, cube_mm: float = FIELD_OF_VIEW_MM, marker_ras: np.ndarray = MARKER_RAS,
+                      radius_mm: float = 15.0) -> CTVolume:
+    """The chest phantom on a cube of `cube_mm` about RAS (0, 0, 0), 64^3, with a dense sphere at `marker_ras` (the
+    patient's left, anterior, superior) or without."""
+    ct = chest(size=PX, spacing_mm=cube_mm / PX)
     if not marker:
         return ct
     k, j, i = np.meshgrid(*(np.arange(PX),) * 3, indexing="ij")  # (K, J, I) voxel indices
     ras = voxel_to_world(ct.affine, np.stack([i, j, k], axis=-1).reshape(-1, 3)).reshape(PX, PX, PX, 3)  # mm
     hu = ct.hu.copy()
-    hu[np.linalg.norm(ras - MARKER_RAS, axis=-1) <= 15.0] = 3000.0
+    hu[np.linalg.norm(ras - marker_ras, axis=-1) <= radius_mm] = 3000.0
     return CTVolume(hu=hu, affine=ct.affine, source="chest phantom with a marker")
 
 

@@ -24,7 +24,7 @@ except ImportError as error:
     pytest.skip(f"slicer-core cannot be imported ({error}); pip install slicer-core (CPython 3.10-3.13)",
                 allow_module_level=True)
 
-from slicer_stand_ins import MODULE_DIR, MRMLLog, slicer_application  # noqa: E402
+from slicer_stand_ins import MODULE_DIR  # noqa: E402
 
 from ct2x.errors import CT2XInputError  # noqa: E402
 from ct2x.io import save_ct  # noqa: E402
@@ -35,29 +35,6 @@ pytestmark = pytest.mark.slicer
 SDD_MM, SID_MM = 1020.0, 530.0  # the module's defaults
 BATCH_SCRIPT = MODULE_DIR / "Scripts" / "batch_synth.py"
 MARKER_IJK = (24.5, 10.5, 12.5)  # centre of the conftest phantom's bone block (i 22..27, j 8..13, k 10..15)
-
-
-@pytest.fixture(scope="module")
-def slicer_app():
-    """slicer-core's ``slicer`` with a scene, logics and stand-ins; other tests' ``slicer`` modules set aside."""
-    with slicer_application() as slicer:
-        yield slicer
-
-
-@pytest.fixture
-def mrml_log():
-    """VTK errors and warnings of the test; a test that expects some empties the list."""
-    log = MRMLLog()
-    yield log
-    log.close()
-    assert log.messages == [], "MRML reported problems"
-
-
-@pytest.fixture
-def slicer(slicer_app, mrml_log):
-    """The application with an empty scene (as a module self-test's setUp leaves it)."""
-    slicer_app.mrmlScene.Clear()
-    return slicer_app
 
 
 @pytest.fixture

@@ -29,17 +29,15 @@ except ImportError as error:
                 allow_module_level=True)
 
 import test_reconstruct as engine_tests  # noqa: E402  (registers the oracle's architecture)
-from slicer_stand_ins import RECONSTRUCT_MODULE_DIR, MRMLLog, slicer_application  # noqa: E402
+from slicer_stand_ins import RECONSTRUCT_MODULE_DIR  # noqa: E402
 from test_reconstruct import ORACLE, PX, BackprojectionOracle  # noqa: E402
 
-from ct2x.conventions import voxel_to_world  # noqa: E402
 from ct2x.data.films import prepare_film  # noqa: E402
 from ct2x.data.x2ct_convention import cube_affine  # noqa: E402
 from ct2x.errors import CT2XInputError  # noqa: E402
 from ct2x.io import save_ct  # noqa: E402
 from ct2x.metrics import METRICS  # noqa: E402
 from ct2x.models import ModelInfo, save_model  # noqa: E402
-from ct2x.phantoms import chest  # noqa: E402
 from ct2x.reconstruct import compare_to_reference, network_input_picture  # noqa: E402
 from ct2x.volume import CTVolume  # noqa: E402
 from ct2x.vtk_bridge import vtk_from_array  # noqa: E402
@@ -51,29 +49,6 @@ real_films = engine_tests.real_films
 BATCH_SCRIPT = RECONSTRUCT_MODULE_DIR / "Scripts" / "batch_reconstruct.py"
 SMALL_CUBE_MM = 160.0  # field of view of the small oracle: its films are simulated from a 160^3 mm^3 cube at 1 mm
 SMALL_MARKER_RAS = np.array([-35.0, 20.0, 40.0])  # mm: the patient's left, anterior, superior
-
-
-@pytest.fixture(scope="module")
-def slicer_app():
-    """slicer-core's ``slicer`` with a scene, logics and stand-ins; other tests' ``slicer`` modules set aside."""
-    with slicer_application() as slicer:
-        yield slicer
-
-
-@pytest.fixture
-def mrml_log():
-    """VTK errors and warnings of the test; a test that expects some empties the list."""
-    log = MRMLLog()
-    yield log
-    log.close()
-    assert log.messages == [], "MRML reported problems"
-
-
-@pytest.fixture
-def slicer(slicer_app, mrml_log):
-    """The application with an empty scene (as a module self-test's setUp leaves it)."""
-    slicer_app.mrmlScene.Clear()
-    return slicer_app
 
 
 @pytest.fixture
@@ -96,14 +71,7 @@ def small_oracle(tmp_path_factory):
 def small_chest(marker: bool) -> CTVolume:
     """The chest phantom on a 160 mm cube about RAS (0, 0, 0), 64^3, with a dense sphere at SMALL_MARKER_RAS or
     without."""
-    ct = chest(size=PX, spacing_mm=SMALL_CUBE_MM / PX)
-    if not marker:
-        return ct
-    k, j, i = np.meshgrid(*(np.arange(PX),) * 3, indexing="ij")  # (K, J, I) voxel indices
-    ras = voxel_to_world(ct.affine, np.stack([i, j, k], axis=-1).reshape(-1, 3)).reshape(PX, PX, PX, 3)  # mm
-    hu = ct.hu.copy()
-    hu[np.linalg.norm(ras - SMALL_MARKER_RAS, axis=-1) <= 8.0] = 3000.0
-    return CTVolume(hu=hu, affine=ct.affine, source="small chest with a marker")
+    return engine_tests.chest_with_marker(marker, SMALL_CUBE_MM, SMALL_MARKER_RAS, radius_mm=8.0)
 
 
 def load_film(slicer, picture: np.ndarray, path):
