@@ -596,6 +596,7 @@ class CT2XReconstructLogic(ScriptedLoadableModuleLogic):
 
     def _preparedFilm(self, source: FilmSource, view: str, size: int, invert: str, crop: str, facing: str):
         from CT2XReconstructLib import mrml_nodes
+        from CT2XSynthLib.mrml_geometry import film_array
 
         from ct2x.data.films import PreparedFilm, prepare_film
         from ct2x.errors import CT2XInputError
@@ -604,7 +605,7 @@ class CT2XReconstructLogic(ScriptedLoadableModuleLogic):
         if not hasattr(source, "GetName"):
             return prepare_film(source, view, size, invert=invert, crop=crop,
                                 facing=facing if view == "lateral" else "auto")
-        pixels = mrml_nodes.film_array(source)  # (H, W) or (H, W, C), as displayed
+        pixels = film_array(source)  # (H, W) or (H, W, C), as displayed
         if source.GetAttribute(mrml_nodes.FILM_VIEW_ATTRIBUTE) == view and pixels.shape == (size, size):
             return PreparedFilm(pixels.astype("float32"), (
                 f"{source.GetName()}: the model's own {label} film (simulated from a CT), used as it is",))

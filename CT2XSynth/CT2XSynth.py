@@ -28,7 +28,8 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 PHYSICS_ENGINE = "Physics DRR"
-ENGINES = [PHYSICS_ENGINE, "CT2X-GAN (coming)"]
+GAN_ENGINE = "CT2X-GAN"
+ENGINES = [PHYSICS_ENGINE, GAN_ENGINE]
 SPECTRA = ["60kV", "90kV", "120kV"]  # ct2x.physics.SPECTRA, restated: importing ct2x.physics imports torch
 # The paper's mobile C-arm, restated from ct2x.geometry (imported on first render, not when Slicer starts).
 SOURCE_TO_DETECTOR_MM = 1020.0
@@ -51,14 +52,16 @@ class CT2XSynth(ScriptedLoadableModule):
         self.parent.contributors = ["CT2X team"]
         self.parent.helpText = _(
             "Synthesises X-ray images (radiographs) of a CT at any C-arm angle. Select a CT, drag the horizontal "
-            "angle (0 = AP, +90 = left lateral) and the X-ray follows. The output is a single-slice volume with the "
+            "angle (0 = AP, +90 = left lateral) and the X-ray follows: physically based (Physics DRR), or learned "
+            "in the look of a reference X-ray (CT2X-GAN: a model file and a style X-ray). The output is a "
+            "single-slice volume with the "
             "detector's pixel spacing, shown in the Red slice view and on its detector plane in the 3-D view. "
             "'Generate series' renders one X-ray per angle into a folder next to the CT. "
             "See <a href='https://github.com/ct2x/SlicerCT2X'>the CT2X documentation</a>.")
         self.parent.acknowledgementText = _(
             "Physically based DRR: polychromatic Beer-Lambert through air, soft tissue and bone, with tube spectra and "
             "attenuation tables generated with SpekPy and xraylib. Geometry defaults follow the CT2X-GAN paper's "
-            "mobile C-arm.")
+            "mobile C-arm. CT2X-GAN: Tan et al., arXiv 2404.11889, implemented from the paper by CT2X.")
 
 
 #
@@ -83,6 +86,9 @@ class CT2XSynthParameterNode:
     detectorSizePx: Annotated[int, WithinRange(16, 2048)] = DETECTOR_SIZE_PX
     pixelSpacingMm: Annotated[float, WithinRange(0.0, 10.0)] = 0.0  # 0 = fit the body in view
     device: str = "cpu"  # torch device; its combo box is filled at run time, so it is synchronised by hand
+    ganModel: str = ""  # CT2X-GAN engine: a model file of kind ct2x-gan (or its registry name)
+    styleVolume: vtkMRMLScalarVolumeNode  # CT2X-GAN engine: the style X-ray, a loaded 2-D picture ...
+    styleFile: str = ""  # ... or a file (PNG, JPEG, DICOM), used instead when given
     outputVolume: vtkMRMLScalarVolumeNode
 
 
@@ -97,6 +103,8 @@ def renderSettings(parameterNode: CT2XSynthParameterNode) -> dict:
         "detectorSizePx": parameterNode.detectorSizePx,
         "pixelSpacingMm": parameterNode.pixelSpacingMm,
         "device": parameterNode.device,
+        "ganModel": parameterNode.ganModel.strip(),
+        "style": parameterNode.styleFile.strip() or parameterNode.styleVolume,
     }
 
 
@@ -139,6 +147,8 @@ class CT2XSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.generateSeriesButton.connect("clicked(bool)", self.onGenerateSeriesButton)
+        self.ui.ganModelBrowseButton.connect("clicked(bool)", self.onGanModelBrowseButton)
+        self.ui.styleBrowseButton.connect("clicked(bool)", self.onStyleBrowseButton)
         self.ui.deviceComboBox.clear()
         self.ui.deviceComboBox.addItem("CPU", "cpu")  # GPUs are added by populateDevices
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
@@ -197,16 +207,19 @@ class CT2XSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 tuple(sorted(renderSettings(node).items())))
 
     def _canRender(self) -> bool:
-        return bool(self._parameterNode and self._parameterNode.inputVolume
-                    and self._parameterNode.engine == PHYSICS_ENGINE)
+        node = self._parameterNode
+        return bool(node and node.inputVolume and (node.engine == PHYSICS_ENGINE or node.ganModel.strip()))
 
     def onParameterNodeModified(self, caller=None, event=None) -> None:
         """Enable what can run; in live mode, restart the debounce timer when the panel differs from the film."""
         canRender = self._canRender()
         self.ui.applyButton.enabled = canRender
         self.ui.generateSeriesButton.enabled = canRender
-        if self._parameterNode and self._parameterNode.engine != PHYSICS_ENGINE:
-            self.ui.statusLabel.text = _("The CT2X-GAN engine is coming in a later release; choose Physics DRR.")
+        gan = bool(self._parameterNode and self._parameterNode.engine == GAN_ENGINE)
+        self.ui.ganCollapsibleButton.collapsed = not gan
+        self.ui.physicsCollapsibleButton.enabled = not gan  # the model fixes the physics and the geometry
+        if gan and not self._parameterNode.ganModel.strip():
+            self.ui.statusLabel.text = _("CT2X-GAN: choose a model file and a style X-ray.")
         if (canRender and self._parameterNode.liveUpdate and dependencies.torch_installed()
                 and self._signature() != self._renderedSignature and not self._liveTimer.isActive()):
             self._liveTimer.start()
@@ -258,6 +271,18 @@ class CT2XSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = _("{count} X-rays in folder '{folder}' ({seconds:.1f} s)").format(
                 count=len(films), folder=self.logic.lastSeriesFolderName, seconds=time.perf_counter() - start)
 
+    def onGanModelBrowseButton(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), _("Choose a CT2X-GAN model file"), "",
+                                              _("CT2X model files (*.safetensors)"))
+        if path:
+            self._parameterNode.ganModel = path
+
+    def onStyleBrowseButton(self) -> None:
+        path = qt.QFileDialog.getOpenFileName(slicer.util.mainWindow(), _("Choose a style X-ray"), "",
+                                              _("X-rays (*.png *.jpg *.jpeg *.dcm *.dicom);;All files (*)"))
+        if path:
+            self._parameterNode.styleFile = path
+
     def _ensureTorch(self) -> None:
         """On first use: install PyTorch through the PyTorch extension (one confirm dialog), then list the GPUs."""
         if not dependencies.torch_installed():
@@ -299,13 +324,16 @@ class CT2XSynthLogic(ScriptedLoadableModuleLogic):
     """Renders X-rays of CT volume nodes; usable without the GUI (Python console, batch scripts).
 
     Keeps one ct2x DRRRenderer for the last (CT node, settings) pair, so a new angle costs one projection and the
-    per-CT preparation (crop, materials, projector set-up) runs only when the CT or a setting changes.
+    per-CT preparation (crop, materials, projector set-up) runs only when the CT or a setting changes; likewise one
+    ct2x Synthesizer (CT2X-GAN: the CT and the style encoded once) for the last (CT node, model, style) triple.
     """
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self._renderer = None
         self._rendererKey = None
+        self._synthesizer = None
+        self._synthesizerKey = None
         self.lastStatus = ""
         self.lastSeriesFolderName = ""
         self.inputNotices: List[str] = []  # what ct2x changed or doubts about the last prepared CT (e.g. HU + 1024)
@@ -314,9 +342,11 @@ class CT2XSynthLogic(ScriptedLoadableModuleLogic):
         return CT2XSynthParameterNode(super().getParameterNode())
 
     def clearCache(self) -> None:
-        """Free the cached renderer (its CT tensors), e.g. between CTs of a batch."""
+        """Free the cached renderer and synthesizer (their CT tensors), e.g. between CTs of a batch."""
         self._renderer = None
         self._rendererKey = None
+        self._synthesizer = None
+        self._synthesizerKey = None
         self.inputNotices = []
 
     @staticmethod
@@ -377,11 +407,55 @@ class CT2XSynthLogic(ScriptedLoadableModuleLogic):
             self._rendererKey = key
         return self._renderer
 
+    def synthesizer(self, inputVolumeNode, ganModel: str, style=None, device: str = "cpu"):
+        """The ct2x Synthesizer (CT2X-GAN) of this CT node, model and style (a file, or a loaded 2-D picture node),
+        with the CT and the style encoded once and cached."""
+        dependencies.add_core_to_path()
+        from CT2XSynthLib import mrml_geometry
+
+        from ct2x.errors import CT2XInputError, CT2XWarning
+        from ct2x.synthesize import Synthesizer
+
+        if not ganModel:
+            raise CT2XInputError("CT2X-GAN: choose a model file (kind ct2x-gan)")
+        imageData = inputVolumeNode.GetImageData()
+        styleKey = (style.GetID(), style.GetImageData().GetMTime() if style.GetImageData() else None) \
+            if hasattr(style, "GetID") else style
+        key = (inputVolumeNode.GetID(), imageData.GetMTime() if imageData else None,
+               tuple(mrml_geometry.ijk_to_world(inputVolumeNode).ravel()), ganModel, styleKey, device)
+        if key != self._synthesizerKey:
+            self.clearCache()  # free the previous CT before encoding the next one
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", CT2XWarning)
+                volume = mrml_geometry.ct_volume_from_node(inputVolumeNode)
+                styleSource = mrml_geometry.film_array(style) if hasattr(style, "GetID") else (style or None)
+                self._synthesizer = Synthesizer(ganModel, volume, styleSource, device=device)
+            self.inputNotices = [str(warning.message) for warning in caught if warning.category is CT2XWarning]
+            for notice in self.inputNotices:
+                logging.warning(f"CT2XSynth: {notice}")
+            self._synthesizerKey = key
+        return self._synthesizer
+
+    def synthesize(self, inputVolumeNode, primaryDeg: float, secondaryDeg: float, ganModel: str, style=None,
+                   device: str = "cpu"):
+        """The CT2X-GAN film at these angles as a ct2x Radiograph: its view (the model's C-arm about the CT's
+        centre), the film in [0, 1] (the training scale: attenuation / its maximum, bone bright) and window 0 ... 1."""
+        import numpy as np
+
+        from ct2x.drr import Radiograph
+
+        synthesizer = self.synthesizer(inputVolumeNode, ganModel, style, device)
+        film = synthesizer.render(primaryDeg, secondaryDeg)  # (H, W) float32 in [0, 1]
+        display = np.round(np.clip(film, 0.0, 1.0) * 255.0).astype(np.uint8)
+        return Radiograph(view=synthesizer.view(primaryDeg, secondaryDeg), attenuation=film, display=display,
+                          window=(0.0, 1.0))
+
     def process(self, inputVolumeNode, outputVolumeNode, primaryDeg: float = 0.0, secondaryDeg: float = 0.0,
                 engine: str = PHYSICS_ENGINE, spectrum: str = "60kV", noisePhotons: int = 0,
                 sourceToDetectorMm: float = SOURCE_TO_DETECTOR_MM,
                 sourceToIsocenterMm: float = SOURCE_TO_ISOCENTER_MM, detectorSizePx: int = DETECTOR_SIZE_PX,
-                pixelSpacingMm: float = 0.0, device: str = "cpu", showResult: bool = True):
+                pixelSpacingMm: float = 0.0, device: str = "cpu", ganModel: str = "", style=None,
+                showResult: bool = True):
         """Render the X-ray of a CT at C-arm angles into a volume node.
 
         :param inputVolumeNode: CT in Hounsfield units (vtkMRMLScalarVolumeNode; a linear parent transform is applied).
@@ -390,7 +464,8 @@ class CT2XSynthLogic(ScriptedLoadableModuleLogic):
             (RAS mm), grey colour map with the renderer's window (fixed by its first render).
         :param primaryDeg: horizontal C-arm angle, degrees: 0 = AP, +90 = left lateral, -90 = right lateral.
         :param secondaryDeg: vertical tilt, degrees: cranial +, caudal -.
-        :param engine: "Physics DRR" (the learned CT2X-GAN engine is not available yet).
+        :param engine: "Physics DRR", or "CT2X-GAN" (the learned engine: `ganModel` and `style`; the model fixes the
+            geometry, so the physics and geometry settings are not used).
         :param spectrum: tube spectrum, "60kV", "90kV" or "120kV".
         :param noisePhotons: photons per pixel for Poisson quantum noise; 0 = noiseless.
         :param sourceToDetectorMm: source-to-detector distance, mm.
@@ -398,27 +473,39 @@ class CT2XSynthLogic(ScriptedLoadableModuleLogic):
         :param detectorSizePx: detector pixels per side (square).
         :param pixelSpacingMm: detector pixel spacing, mm; 0 = fit the body in view.
         :param device: torch device, "cpu" or "cuda:N".
+        :param ganModel: CT2X-GAN engine: a model file of kind ct2x-gan (or its registry name).
+        :param style: CT2X-GAN engine: the style X-ray, a file (PNG, JPEG, DICOM) or a loaded 2-D picture node; None
+            for a model without a style encoder.
         :param showResult: show the film in the Red slice view and on its detector plane in 3-D.
-        :return: the ct2x.drr.Radiograph (attenuation, 8-bit display image, view geometry, window).
+        :return: the ct2x.drr.Radiograph (attenuation, 8-bit display image, view geometry, window); CT2X-GAN's film
+            is on its training scale, attenuation divided by its maximum, in [0, 1].
         """
-        if engine != PHYSICS_ENGINE:
-            raise ValueError(f"Engine {engine!r} is not available yet; use {PHYSICS_ENGINE!r}.")
+        if engine not in ENGINES:
+            raise ValueError(f"Engine {engine!r} is unknown; use one of {ENGINES}.")
         if not inputVolumeNode or not outputVolumeNode:
             raise ValueError("An input CT volume node and an output volume node are required.")
         dependencies.ensure_torch()
         from CT2XSynthLib import mrml_geometry
 
         start = time.perf_counter()
-        previousRenderer = self._renderer
-        renderer = self.renderer(inputVolumeNode, spectrum, noisePhotons, sourceToDetectorMm, sourceToIsocenterMm,
-                                 detectorSizePx, pixelSpacingMm, device)
-        prepared = renderer is not previousRenderer
-        renderStart = time.perf_counter()
-        radiograph = renderer.render(primaryDeg, secondaryDeg)
+        previous = self._synthesizer if engine == GAN_ENGINE else self._renderer
+        if engine == GAN_ENGINE:
+            prepared = self.synthesizer(inputVolumeNode, ganModel, style, device) is not previous
+            renderStart = time.perf_counter()
+            radiograph = self.synthesize(inputVolumeNode, primaryDeg, secondaryDeg, ganModel, style, device)
+        else:
+            renderer = self.renderer(inputVolumeNode, spectrum, noisePhotons, sourceToDetectorMm,
+                                     sourceToIsocenterMm, detectorSizePx, pixelSpacingMm, device)
+            prepared = renderer is not previous
+            renderStart = time.perf_counter()
+            radiograph = renderer.render(primaryDeg, secondaryDeg)
         mrml_geometry.update_film_node(outputVolumeNode, radiograph)
+        outputVolumeNode.SetAttribute("CT2X.engine", engine)
+        if engine == GAN_ENGINE:
+            outputVolumeNode.SetAttribute("CT2X.model", ganModel)
         renderMs = (time.perf_counter() - renderStart) * 1000.0
-        self.lastStatus = _("{primary:+g}°, {secondary:+g}°: rendered in {ms:.0f} ms on {device}").format(
-            primary=primaryDeg, secondary=secondaryDeg, ms=renderMs, device=device)
+        self.lastStatus = _("{primary:+g}°, {secondary:+g}°: {engine}, {ms:.0f} ms on {device}").format(
+            primary=primaryDeg, secondary=secondaryDeg, engine=engine, ms=renderMs, device=device)
         if prepared:
             self.lastStatus += _(" (first render of this CT and settings: {seconds:.2f} s with preparation)").format(
                 seconds=time.perf_counter() - start)

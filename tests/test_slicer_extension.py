@@ -293,7 +293,7 @@ def test_ui_layout_has_the_sections_scene_connections_and_ranges():
                  if c.findtext("sender") == top.get("name") and c.findtext("signal") == scene_signal}
 
     assert top.get("class") == "qMRMLWidget"
-    assert list(sections) == ["Inputs", "View", "Physics", "Advanced", "Outputs"]
+    assert list(sections) == ["Inputs", "View", "CT2X-GAN", "Physics", "Advanced", "Outputs"]
     assert sections["Advanced"].findtext("property[@name='collapsed']/bool") == "true"
     assert receivers == {n for n, w in widgets.items() if w.get("class") == "qMRMLNodeComboBox"}
     primary = widgets["primaryAngleSliderWidget"]

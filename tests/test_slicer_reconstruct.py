@@ -124,13 +124,13 @@ def volume_nodes(slicer) -> int:
 
 @pytest.mark.parametrize("channels", [1, 3, 4], ids=["grey", "RGB", "RGBA"])
 def test_a_film_reaches_the_logic_as_the_file_shows_it(slicer, module, tmp_path, channels):
-    from CT2XReconstructLib import mrml_nodes
+    from CT2XSynthLib.mrml_geometry import film_array
 
     rows = np.linspace(0, 200, 20)[:, None] + np.linspace(0, 50, 30)[None, :]  # (20, 30): brighter downwards
     picture = np.round(np.repeat(rows[..., None], channels, axis=-1)).astype(np.uint8).squeeze()
     node = load_film(slicer, picture, tmp_path / "film.nrrd")
 
-    pixels = mrml_nodes.film_array(node)
+    pixels = film_array(node)
 
     assert node.GetClassName() == ("vtkMRMLScalarVolumeNode" if channels == 1 else "vtkMRMLVectorVolumeNode")
     assert node.GetImageData().GetDimensions() == (30, 20, 1)  # one slice: columns, rows

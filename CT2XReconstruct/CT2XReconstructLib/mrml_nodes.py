@@ -1,4 +1,5 @@
-"""The MRML side of CT2XReconstruct: film nodes <-> arrays, a CTVolume -> CT volume node, pictures, tables.
+"""The MRML side of CT2XReconstruct: a CTVolume <-> CT volume node, pictures, tables (film nodes -> arrays:
+``CT2XSynthLib.mrml_geometry.film_array``, shared with CT2XSynth).
 
 Array and matrix conversion is ``ct2x.vtk_bridge``'s and subject-hierarchy placement ``CT2XSynthLib.mrml_geometry``'s;
 this module is the few Slicer calls around them. Imported only after `dependencies.add_core_to_path()`.
@@ -10,29 +11,12 @@ import numpy as np
 import slicer
 from CT2XSynthLib.mrml_geometry import ijk_to_world
 
-from ct2x.errors import CT2XInputError
 from ct2x.volume import CTVolume
 from ct2x.vtk_bridge import volume_from_vtk, vtk_from_array, vtk_matrix_from_array
 
 FILM_VIEW_ATTRIBUTE = "CT2X.filmView"  # "pa" or "lateral" on a film the module simulated in a model's own geometry
 CT_WINDOW_HU = (1400.0, -500.0)  # window, level: Slicer's CT lung preset, lungs and mediastinum both readable
 VOLUME_RENDERING_PRESET = "CT-Chest-Contrast-Enhanced"
-
-
-def film_array(filmNode) -> np.ndarray:
-    """The pixels of a film node: (H, W) grey or (H, W, C) colour, copied.
-
-    A 2-D picture loaded in Slicer is a single-slice scalar (grey) or vector (RGB, RGBA) volume whose voxel (i, j, 0)
-    is the file's row j, column i (Slicer's reader, checked by tests/test_slicer_reconstruct.py), and it is displayed
-    that way up in the Red view: the array's rows and columns are the film as the user sees it.
-    """
-    name = filmNode.GetName()
-    if filmNode.GetImageData() is None or filmNode.GetImageData().GetPointData().GetScalars() is None:
-        raise CT2XInputError(f"{name}: has no image; load the film first")
-    array = slicer.util.arrayFromVolume(filmNode)  # (K, H, W) or (K, H, W, C)
-    if array.shape[0] != 1:
-        raise CT2XInputError(f"{name}: is a volume of {array.shape[0]} slices; a film is one 2-D picture")
-    return np.array(array[0])  # (H, W) or (H, W, C)
 
 
 def ct_volume_from_node(volumeNode, storedValues: str = "auto") -> CTVolume:

@@ -42,6 +42,22 @@ def ct_volume_from_node(volumeNode) -> CTVolume:
     return volume_from_vtk(volumeNode.GetImageData(), ijk_to_world(volumeNode), source=volumeNode.GetName())
 
 
+def film_array(filmNode) -> np.ndarray:
+    """The pixels of a film node: (H, W) grey or (H, W, C) colour, copied.
+
+    A 2-D picture loaded in Slicer is a single-slice scalar (grey) or vector (RGB, RGBA) volume whose voxel (i, j, 0)
+    is the file's row j, column i (Slicer's reader, checked by tests/test_slicer_reconstruct.py), and it is displayed
+    that way up in the Red view: the array's rows and columns are the film as the user sees it.
+    """
+    name = filmNode.GetName()
+    if filmNode.GetImageData() is None or filmNode.GetImageData().GetPointData().GetScalars() is None:
+        raise CT2XInputError(f"{name}: has no image; load the film first")
+    array = slicer.util.arrayFromVolume(filmNode)  # (K, H, W) or (K, H, W, C)
+    if array.shape[0] != 1:
+        raise CT2XInputError(f"{name}: is a volume of {array.shape[0]} slices; a film is one 2-D picture")
+    return np.array(array[0])  # (H, W) or (H, W, C)
+
+
 def update_film_node(filmNode, radiograph: Radiograph) -> None:
     """Put a radiograph's attenuation into a scalar volume node, on its detector plane, with its display window."""
     imageData, ijkToRas = radiograph_to_vtk(radiograph)  # float32 (W, H, 1); film voxel -> RAS mm

@@ -1,8 +1,15 @@
-"""`ct2x evaluate recon --model MODEL --data DIR --out REPORT`: metrics of a films -> CT model on the test cases.
+"""`ct2x evaluate recon|synth --model MODEL --data DIR --out REPORT`: metrics of a model on the test cases.
 
-Writes `metrics.csv` (one row per case and method), `summary.json` and `summary.md` (mean and standard deviation of
-each metric per method, every metric named with its convention) and `pictures/<case>.png` (mid slices: true, then each
-method, coronal | sagittal | axial). Baselines (`--baselines mean,backprojection`) are evaluated beside the model.
+recon (a films -> CT model, on a `ct2x prepare recon` folder): writes `metrics.csv` (one row per case and method),
+`summary.json` and `summary.md` (mean and standard deviation of each metric per method, every metric named with its
+convention) and `pictures/<case>.png` (mid slices: true, then each method, coronal | sagittal | axial). Baselines
+(`--baselines mean,backprojection`) are evaluated beside the model.
+
+synth (a CT2X-GAN model, on a `ct2x prepare synth` folder; `ct2x.evaluate_synth`): writes `metrics.csv` (one row per
+case and pose: LPIPS, PSNR and SSIM of the DRR-style synthesis against the DRR), `distribution.csv` (FID and KID
+against the split's real films of the X-ray-style and DRR-style syntheses and of the physics DRRs, with the feature
+network named), `summary.json`, `summary.md` and `pictures/<case>.png` (a column per pose; rows DRR, DRR-style
+synthesis, X-ray-style synthesis).
 """
 
 from __future__ import annotations
@@ -18,22 +25,34 @@ from ct2x.errors import CT2XInputError
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "evaluate", help="measure a model on the test cases of a prepared folder",
-        description="Reconstruct the test cases of a folder made by `ct2x prepare recon` from their films and compare "
-                    "with their CTs: MAE, MSE, cosine, PSNR and 3-D SSIM on [0, 1], and X2CT-GAN's PSNR and "
-                    "three-axis SSIM.")
-    parser.add_argument("task", choices=("recon",), help="recon: films -> CT")
-    parser.add_argument("--model", metavar="MODEL", help="CT2X model file (.safetensors); leave out for baselines only")
-    parser.add_argument("--data", required=True, metavar="DIR", help="prepared folder (`ct2x prepare recon`)")
+        description="recon: reconstruct the test cases of a folder made by `ct2x prepare recon` from their films and "
+                    "compare with their CTs: MAE, MSE, cosine, PSNR and 3-D SSIM on [0, 1], and X2CT-GAN's PSNR and "
+                    "three-axis SSIM. synth: synthesise the test CTs of a folder made by `ct2x prepare synth` at "
+                    "their poses in X-ray and in DRR style: FID and KID against the held-out real films (beside the "
+                    "physics DRRs), LPIPS, PSNR and SSIM of the DRR-style films against the DRRs.")
+    parser.add_argument("task", choices=("recon", "synth"), help="recon: films -> CT; synth: CT -> films (CT2X-GAN)")
+    parser.add_argument("--model", metavar="MODEL",
+                        help="CT2X model file (.safetensors); recon: leave out for baselines only; synth: required")
+    parser.add_argument("--data", required=True, metavar="DIR",
+                        help="prepared folder (`ct2x prepare recon` or `ct2x prepare synth`)")
     parser.add_argument("--out", required=True, metavar="REPORT", help="report folder (new or empty)")
     parser.add_argument("--baselines", default="mean,backprojection", metavar="NAMES",
-                        help="comma-separated baselines beside the model: mean, backprojection, or none "
-                             "(default %(default)s)")
+                        help="recon: comma-separated baselines beside the model: mean, backprojection, or none "
+                             "(default %(default)s); synth always adds the physics DRRs")
+    parser.add_argument("--features", choices=("inception", "random"), default="inception",
+                        help="synth: the feature network of FID and KID: inception (the FID Inception-v3, 2048-d, "
+                             "torch-fidelity and its weight file needed) or random (fixed random convolutions, "
+                             "64-d, built here; not comparable with Inception numbers) (default %(default)s)")
+    parser.add_argument("--no-lpips", action="store_true",
+                        help="synth: leave LPIPS out (it needs the lpips package and AlexNet's weights)")
     parser.add_argument("--split", choices=("test", "train"), default="test", help="(default %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.task == "synth":
+        return _run_synth(args)
     from ct2x.evaluate import BASELINES, baseline_methods, comparison_pictures, evaluate, model_method, summary
     from ct2x.metrics import METRICS
     from ct2x.output_folder import OutputFolder
@@ -76,4 +95,68 @@ def _markdown(table: dict, cases: int, split: str) -> str:
         lines.append(f"| {method} | " + " | ".join(f"{values[m]['mean']:.4g} ± {values[m]['std']:.2g}"
                                                   for m in metrics) + " |")
     lines += [""] + [f"- `{name}`: {meaning}" for name, meaning in METRICS.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _run_synth(args: argparse.Namespace) -> int:
+    from ct2x.evaluate_synth import (
+        SYNTH_METRICS,
+        distribution_table,
+        film_rows,
+        picture_sheet,
+        summary,
+        synthesize_split,
+    )
+    from ct2x.io import save_png
+    from ct2x.metrics.fid import inception_features, random_features
+    from ct2x.metrics.lpips import alexnet_lpips
+    from ct2x.output_folder import OutputFolder
+    from ct2x.synthesize import load_synth_model
+
+    if args.model is None:
+        raise CT2XInputError("ct2x evaluate synth: give --model, a CT2X-GAN model file")
+    output = OutputFolder(args.out, name=f"--out {args.out}")
+    output.check()
+    # the pretrained measurements first: a missing package or weight file is reported before any synthesis
+    features = random_features(device=args.device) if args.features == "random" else inception_features(args.device)
+    lpips = None if args.no_lpips else alexnet_lpips(value_range=(0.0, 1.0), device=args.device)
+    name = Path(args.model).stem
+    network = load_synth_model(args.model, args.device).network
+    syntheses = synthesize_split(network, args.data, args.split, args.device)
+    rows = film_rows(syntheses, lpips)
+    table = distribution_table(syntheses, args.data, features, name, args.split, args.device)
+    films = summary(rows)
+    report = {"data": str(Path(args.data).resolve()), "split": args.split, "model": args.model,
+              "cases": len(syntheses), "poses": len(rows) // len(syntheses), "features": features.name,
+              "metrics": {m: SYNTH_METRICS[m] for m in ("fid", "kid", *films)}, "distribution": table,
+              "films": films}
+    with output as folder:
+        for file_name, table_rows in (("metrics.csv", rows),
+                                      ("distribution.csv", [{"method": m, **v} for m, v in table.items()])):
+            with (folder / file_name).open("w", newline="", encoding="utf-8") as file:
+                writer = csv.DictWriter(file, fieldnames=list(table_rows[0]))
+                writer.writeheader()
+                writer.writerows(table_rows)
+        (folder / "summary.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        (folder / "summary.md").write_text(_synth_markdown(report), encoding="utf-8")
+        (folder / "pictures").mkdir()
+        for result in syntheses:
+            save_png(picture_sheet(result), folder / "pictures" / f"{result.case}.png")
+    print(_synth_markdown(report))
+    return 0
+
+
+def _synth_markdown(report: dict) -> str:
+    """The synth report as two markdown tables (distribution, then films), then what each metric is."""
+    features = report["features"]
+    lines = [f"{report['cases']} {report['split']} cases x {report['poses']} poses", "",
+             f"| method | FID ({features}) | KID ({features}) | films | real films |", "|---|---|---|---|---|"]
+    for method, values in report["distribution"].items():
+        lines.append(f"| {method} | {values['fid']:.4g} | {values['kid']:.4g} ± {values['kid_std']:.2g} "
+                     f"| {values['films']} | {values['real_films']} |")
+    films = report["films"]
+    lines += ["", "DRR-style synthesis against the DRR, mean ± standard deviation over cases and poses", "",
+              "| " + " | ".join(films) + " |", "|" + "---|" * len(films),
+              "| " + " | ".join(f"{v['mean']:.4g} ± {v['std']:.2g}" for v in films.values()) + " |", ""]
+    lines += [f"- `{name}`: {meaning}" for name, meaning in report["metrics"].items()]
     return "\n".join(lines) + "\n"

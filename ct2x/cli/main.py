@@ -19,7 +19,7 @@ from typing import Callable, List, Optional, Sequence
 from ct2x import __version__
 from ct2x.errors import CT2XInputError, CT2XWarning
 
-COMMANDS = ("drr", "prepare", "train", "evaluate", "models", "reconstruct")  # module names under ct2x.cli
+COMMANDS = ("drr", "prepare", "train", "evaluate", "models", "reconstruct", "synth")  # module names under ct2x.cli
 
 # argparse reads a value such as "-90:90:30" or "-30,0,30" as an unknown option; such tokens are values, never options.
 _NEGATIVE_LIST = re.compile(r"^-\.?\d[\d.]*[:,]")
