@@ -448,6 +448,24 @@ def test_batch_films_load_in_slicer_one_by_one_at_their_angles(slicer, module, c
     assert slicer.util.loadVolume(str(sideBySide / "chest_+000.0deg.nrrd")).GetImageData().GetDimensions()[2] == 2
 
 
+def test_batch_renders_ct2x_gan_films_with_a_model_and_a_style(slicer, module, ct_phantom, tiny_gan, tmp_path,
+                                                                monkeypatch):
+    from ct2x.synthesize import Synthesizer
+
+    save_ct(ct_phantom, tmp_path / "chest.nrrd")
+
+    status = run_batch(slicer, monkeypatch, "--input", str(tmp_path / "chest.nrrd"), "--output",
+                       str(tmp_path / "films"), "--angles=0,60", "--model", tiny_gan["model"], "--style",
+                       tiny_gan["style"])
+
+    assert status == 0
+    expected = Synthesizer(tiny_gan["model"], ct_phantom, tiny_gan["style"])
+    for angle in (0.0, 60.0):
+        name = f"chest_{angle:+06.1f}deg"
+        film = slicer.util.loadVolume(str(tmp_path / "films" / "chest" / name / f"{name}.nrrd"))
+        np.testing.assert_allclose(slicer.util.arrayFromVolume(film)[0], expected.render(angle), atol=1e-6)
+
+
 def test_batch_reports_a_ct_it_cannot_read(slicer, mrml_log, tmp_path, monkeypatch, capsys):
     inputs = tmp_path / "cts"
     inputs.mkdir()

@@ -2,12 +2,15 @@
 
     Slicer --no-splash --no-main-window --python-script CT2XSynth/Scripts/batch_synth.py \\
         --input DIR_OR_FILE --output DIR [--angles=-90:90:30] [--secondary DEG] [--size PX] [--spacing MM] \\
-        [--sdd MM] [--sid MM] [--spectrum 60kV|90kV|120kV] [--noise PHOTONS] [--device cpu|cuda:N]
+        [--sdd MM] [--sid MM] [--spectrum 60kV|90kV|120kV] [--noise PHOTONS] [--device cpu|cuda:N] \\
+        [--model CT2X_GAN_MODEL --style XRAY]
 
 Every CT file in --input (NRRD, NIfTI, MHA/MHD; a folder is searched recursively) is loaded, rendered at each
 horizontal angle and written as OUTPUT/<ct name>/<ct name>_<angle>deg/<ct name>_<angle>deg.nrrd: a float32
 single-slice volume of the attenuation -ln(I / I0) with the detector pixel spacing, placed on the detector plane
-(RAS mm), as the module makes it. Each film has a folder of its own (see `film_path`). A CT that fails is reported
+(RAS mm), as the module makes it. With --model (a CT2X-GAN model file) and --style (a reference X-ray file), the
+films are CT2X-GAN's in that X-ray's look instead, in the model's own geometry and on its 0 ... 1 scale (the physics
+and geometry options are not used). Each film has a folder of its own (see `film_path`). A CT that fails is reported
 on stderr and skipped; the others still run.
 Exit status: 0 every CT succeeded, 1 at least one failed (or none was found), 2 bad arguments.
 """
@@ -42,6 +45,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--spectrum", default="60kV", choices=("60kV", "90kV", "120kV"), help="tube spectrum")
     parser.add_argument("--noise", type=int, default=0, help="photons per pixel for quantum noise; 0 = noiseless")
     parser.add_argument("--device", default="cpu", help="torch device: cpu or cuda:N (default cpu)")
+    parser.add_argument("--model", default="", help="CT2X-GAN model file: the learned engine instead of the physics")
+    parser.add_argument("--style", default="", help="CT2X-GAN: the reference X-ray file (PNG, JPEG, DICOM)")
     joined = []
     for token in argv:
         if joined and joined[-1].startswith("--") and "=" not in joined[-1] and _NEGATIVE_VALUE.match(token):
@@ -78,8 +83,9 @@ def film_path(output: Path, ctName: str, primaryDeg: float) -> Path:
     return output / ctName / filmName / f"{filmName}.nrrd"
 
 
-def render_ct(logic, path: Path, output: Path, args: argparse.Namespace, angles: List[float]) -> int:
-    """Render one CT at every angle into output/<stem>/; returns the number of films written."""
+def render_ct(logic, path: Path, output: Path, args: argparse.Namespace, angles: List[float], engine: dict) -> int:
+    """Render one CT at every angle into output/<stem>/ with the `engine` settings of `CT2XSynthLogic.process` (none:
+    the physics); returns the number of films written."""
     ctNode = slicer.util.loadVolume(str(path), {"show": False})
     filmNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{stem(path)} X-ray")
     try:
@@ -87,7 +93,7 @@ def render_ct(logic, path: Path, output: Path, args: argparse.Namespace, angles:
             logic.process(ctNode, filmNode, primaryDeg, args.secondary, spectrum=args.spectrum,
                           noisePhotons=args.noise, sourceToDetectorMm=args.sdd, sourceToIsocenterMm=args.sid,
                           detectorSizePx=args.size, pixelSpacingMm=args.spacing, device=args.device,
-                          showResult=False)
+                          showResult=False, **engine)
             filmPath = film_path(output, stem(path), primaryDeg)
             filmPath.parent.mkdir(parents=True, exist_ok=True)
             if not slicer.util.saveNode(filmNode, str(filmPath)):
@@ -103,7 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from CT2XSynthLib import dependencies
 
-    from CT2XSynth import CT2XSynthLogic
+    from CT2XSynth import GAN_ENGINE, CT2XSynthLogic
 
     dependencies.add_core_to_path()
     from ct2x.errors import CT2XInputError
@@ -121,11 +127,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     dependencies.ensure_torch()
     logic = CT2XSynthLogic()
+    engine = {"engine": GAN_ENGINE, "ganModel": args.model, "style": args.style or None} if args.model else {}
     failed = []
     for index, path in enumerate(cts, start=1):
         start = time.perf_counter()
         try:
-            count = render_ct(logic, path, output, args, angles)
+            count = render_ct(logic, path, output, args, angles, engine)
         except Exception as error:
             failed.append(path)
             print(f"batch_synth: [{index}/{len(cts)}] FAILED {path}: {error}", file=sys.stderr)
