@@ -1,19 +1,23 @@
-"""Films in -> HU volume out: time and peak memory of X2CT-GAN's biplanar generator (issue 9 §8).
+"""Films in -> HU volume out: time and peak memory of the biplanar generators, X2CT-GAN's (issue 9 §8) and
+CVAA-GAN's (issue 13 §4).
 
 Every configuration runs in its own worker process (so its peak resident size, Linux VmHWM, is its own): the generator
-is built (random official initialisation, seed 0, or the weights of `--model FILE`), set up as the configuration
-says, and `ct2x.reconstruct.reconstruct` - two prepared (S, S) films in [0, 1] -> the CT in HU (network, clamp to
-[0, 1], `x2ct_denormalize`, CTVolume) - is timed: its first call apart (oneDNN builds its kernels then; torch.compile
-compiles), then the median of `--repeats` calls, each with the share of the machine's CPU that other processes took
-meanwhile. Loading a model file is timed apart. Agreement: relative L2 of the raw network output against the fp32
-configuration of the same ct2x (and against the first --ct2x copy's output of the same configuration).
+is built (`--kind`: its default, paper-size configuration with random initialisation, seed 0; or the weights of
+`--model FILE`), set up as the configuration says, and `ct2x.reconstruct.reconstruct` - two prepared (S, S) films in
+[0, 1] -> the CT in HU (network, clamp to [0, 1], `x2ct_denormalize`, CTVolume) - is timed: its first call apart
+(oneDNN builds its kernels then; torch.compile compiles), then the median of `--repeats` calls, each with the share of
+the machine's CPU that other processes took meanwhile. Loading a model file is timed apart. Agreement: relative L2 of
+the raw network output against the fp32 configuration of the same ct2x and kind (and against the first --ct2x copy's
+output of the same kind and configuration).
 
     python bench/bench_reconstruct.py --data-dir ../shared/data             # CPU, all configurations: 6-7 min
     python bench/bench_reconstruct.py --profile                             # + where the time and the memory go
     python bench/bench_reconstruct.py --device cuda --profile               # GPU: fp32, TF32, channels_last, fp16/bf16
     python bench/bench_reconstruct.py --ct2x . --ct2x DIR --configs fp32    # this checkout vs a patched copy (DIR
                                                                             # holds ct2x/), in turn, in one run
-    python bench/bench_reconstruct.py --model FILE                          # the weights of an x2ct-biplanar file
+    python bench/bench_reconstruct.py --model FILE                          # the weights of a biplanar model file
+    python bench/bench_reconstruct.py --kind x2ct-biplanar --kind cvaa-biplanar --configs fp32,ct2x-bf16
+                                                                            # both networks, in turn, in one run
 
 The films are the PA and lateral films of the real chest CT in `--data-dir` (as `ct2x prepare recon` makes them), or
 of the built-in chest phantom when it is missing; they, the outputs and results.json go to bench/_work/reconstruct/.
@@ -41,6 +45,8 @@ BENCH = Path(__file__).resolve().parent
 WORK = BENCH / "_work" / "reconstruct"
 CHEST_CT = "ct/chest_popi_phase00.nii.gz"
 WEIGHT_SEED = 0
+# --kind: biplanar films -> CT networks, built in their default (paper-size) configuration: module, class
+KINDS = {"x2ct-biplanar": ("ct2x.nets.x2ct", "X2CTConfig"), "cvaa-biplanar": ("ct2x.nets.cvaa", "CVAAConfig")}
 FOREIGN_WARN_PERCENT = 10.0
 
 # name -> how the network runs. precision: fp32 | tf32 | ct2x-bf16 (`reconstruct(precision="bf16")`, the user's bf16
@@ -173,19 +179,28 @@ def films(data_dir: Path, size: int) -> Dict[str, Any]:
     return {"pa": pa, "lateral": lateral, "source": source}
 
 
-def random_model_file() -> Path:
-    """A model file of the official biplanar generator with random official initialisation (seed 0), written once."""
-    path = WORK / f"x2ct_biplanar_official_init_seed{WEIGHT_SEED}.safetensors"
+def default_network(kind: str):
+    """The `kind` generator in its default configuration, random initialisation (seed 0)."""
+    import importlib
+
+    import torch
+
+    from ct2x import models
+
+    module, config = KINDS[kind]
+    torch.manual_seed(WEIGHT_SEED)
+    return models.build_network(kind, getattr(importlib.import_module(module), config)().to_dict())
+
+
+def random_model_file(kind: str) -> Path:
+    """A model file of the `kind` generator at its default size with random initialisation (seed 0), written once."""
+    path = WORK / f"{kind.replace('-', '_')}_official_init_seed{WEIGHT_SEED}.safetensors"
     if not path.exists():
-        import torch
-
         from ct2x import models
-        from ct2x.nets.x2ct import X2CTConfig, X2CTGenerator
 
-        torch.manual_seed(WEIGHT_SEED)
-        network = X2CTGenerator(X2CTConfig())
-        info = models.ModelInfo(kind="x2ct-biplanar", config=X2CTConfig().to_dict(), license="CC0-1.0",
-                                description="random official initialisation, for benchmarks only")
+        network = default_network(kind)
+        info = models.ModelInfo(kind=kind, config=network.config.to_dict(), license="CC0-1.0",
+                                description="random initialisation, for benchmarks only")
         WORK.mkdir(parents=True, exist_ok=True)
         models.save_model(path, network, info)
     return path
@@ -194,23 +209,16 @@ def random_model_file() -> Path:
 # ------------------------------------------------------------------------------------------ worker: a configuration
 def build_network(job: Dict[str, Any]):
     """The generator (eval mode, on the job's device) and its input size; seconds it took."""
-    import torch
+    from ct2x import models
 
     start = time.perf_counter()
     if job.get("model"):
-        from ct2x import models
-
         network, info = models.load(job["model"], device=job["device"])
-        if info.kind != "x2ct-biplanar":
-            raise SystemExit(f"{job['model']}: a {info.kind} model; this benchmark runs x2ct-biplanar generators")
-        size = int(network.config.input_size)
+        if info.kind == "x2ct-single" or info.inputs.get("films", ["pa", "lateral"]) != ["pa", "lateral"]:
+            raise SystemExit(f"{job['model']}: a {info.kind} model; this benchmark runs biplanar films -> CT networks")
     else:
-        from ct2x.nets.x2ct import X2CTConfig, X2CTGenerator
-
-        torch.manual_seed(WEIGHT_SEED)
-        network = X2CTGenerator(X2CTConfig()).eval().to(job["device"])
-        size = network.config.input_size
-    return network, size, time.perf_counter() - start
+        network = default_network(job["network"]).eval().to(job["device"])
+    return network, int(network.config.input_size), time.perf_counter() - start
 
 
 class _Float32(object):
@@ -260,7 +268,8 @@ def configure(network, job: Dict[str, Any]):
     return network, dtype, autocast
 
 
-def make_reconstruct(network, dtype, autocast, device: str, size: int, precision: str) -> Tuple[Callable, str]:
+def make_reconstruct(network, dtype, autocast, device: str, size: int, precision: str,
+                     kind: str) -> Tuple[Callable, str]:
     """(reconstruct(pa, lateral): numpy films (S, S) in [0, 1] -> (HU volume (S, S, S) float32 numpy, the network's
     raw output as numpy), what it calls). The project's `ct2x.reconstruct.reconstruct` (network, clamp to [0, 1],
     HU, CTVolume) with the configured network in a LoadedModel and the films as PreparedFilms; where that is missing
@@ -299,8 +308,9 @@ def make_reconstruct(network, dtype, autocast, device: str, size: int, precision
 
         return reconstruct, "the benchmark's own films -> HU steps (this ct2x has no ct2x.reconstruct)"
 
-    info = ModelInfo(kind="x2ct-biplanar", config={"input_size": size}, license="benchmark",
-                     inputs={"films": ["pa", "lateral"], "film_px": size})
+    info = ModelInfo(kind=kind, config={"input_size": size}, license="benchmark",
+                     inputs={"films": ["pa", "lateral"], "film_px": size},
+                     outputs={"volume": "(N, 1, D, H, W), X2CT normalisation", "voxels": size})
     loaded = LoadedModel(configured, info)
 
     def reconstruct(pa: np.ndarray, lateral: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -344,7 +354,8 @@ def run_reconstruct(job: Dict[str, Any]) -> Dict[str, Any]:
     cache = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR", "/nonexistent"))
     compile_cache_warm = cache.is_dir() and any(cache.iterdir())
     network, dtype, autocast = configure(network, job)
-    reconstruct, timed_function = make_reconstruct(network, dtype, autocast, device, size, job["precision"])
+    reconstruct, timed_function = make_reconstruct(network, dtype, autocast, device, size, job["precision"],
+                                                   job["network"])
     load_before = load_average()
     first = timed_call(lambda: reconstruct(pa, lateral), device)
     calls = [timed_call(lambda: reconstruct(pa, lateral), device) for _ in range(job["repeats"])]
@@ -430,9 +441,21 @@ def op_category(name: str, shapes: List[Any]) -> str:
     return "other"
 
 
-def stage_hooks(size: int) -> List[Tuple[str, str, str]]:
+def stage_hooks(kind: str, size: int) -> List[Tuple[str, str, str]]:
     """(module path, "pre" or "post", the stage that ends when that module's forward starts or returns), in execution
-    order. Decoder level j works at size / 2^j and ends with its up-convolution (level 0 with the fusion decoder)."""
+    order. Decoder level j works at size / 2^j and ends with its up-convolution (level 0 with the fusion decoder;
+    CVAA-GAN's with its compressing conv, which follows the level's CVAA module)."""
+    if kind == "cvaa-biplanar":
+        return [
+            ("pa.encoder", "post", "PA film: 2-D encoder"),
+            ("lateral.encoder", "pre", "PA film: Connection-A and -B (to 3-D)"),
+            ("lateral.encoder", "post", "lateral film: 2-D encoder"),
+            ("levels.5", "pre", "lateral film: Connection-A and -B (to 3-D)"),
+        ] + [(f"levels.{j}.up", "post", f"decoder level {j} ({size >> j}^3): CVAA, conv, up-conv")
+             for j in range(5, 0, -1)] + [
+            ("levels.0.compress.relu", "post", f"decoder level 0 ({size}^3): CVAA, conv"),
+            ("head", "post", "output head (7^3 conv to 1 channel, ReLU)"),
+        ]
     return [
         ("pa.encoder", "post", "PA film: 2-D encoder"),
         ("lateral.encoder", "pre", "PA film: Connection-A and -B (to 3-D)"),
@@ -470,7 +493,7 @@ def run_profile(job: Dict[str, Any]) -> Dict[str, Any]:
     pa, lateral = (np.load(job["films"])[name] for name in ("pa", "lateral"))
     modules = dict(network.named_modules())
     network, dtype, autocast = configure(network, job)
-    reconstruct, _ = make_reconstruct(network, dtype, autocast, device, size, job["precision"])
+    reconstruct, _ = make_reconstruct(network, dtype, autocast, device, size, job["precision"], job["network"])
     reconstruct(pa, lateral)  # warm-up
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     with profile(activities=activities, record_shapes=True) as prof:
@@ -499,8 +522,8 @@ def run_profile(job: Dict[str, Any]) -> Dict[str, Any]:
         return hook
 
     handles = [modules[path].register_forward_pre_hook(mark(stage)) if when == "pre" else
-               modules[path].register_forward_hook(mark(stage)) for path, when, stage in stage_hooks(size)
-               if path in modules]
+               modules[path].register_forward_hook(mark(stage))
+               for path, when, stage in stage_hooks(job["network"], size) if path in modules]
     synchronize(device)
     reset_peak()
     before = vm_status()
@@ -582,7 +605,10 @@ def main() -> None:
     parser.add_argument("--configs", help="comma-separated names (all): " + ", ".join(CPU_CONFIGS) + ", load, "
                         "profile; on CUDA " + ", ".join(c for c in CUDA_CONFIGS if c not in CPU_CONFIGS))
     parser.add_argument("--profile", action="store_true", help="also profile fp32 and the bf16 path")
-    parser.add_argument("--model", type=Path, help="a CT2X x2ct-biplanar model file (random official init)")
+    parser.add_argument("--kind", action="append", choices=KINDS,
+                        help="network, random initialisation at its default size (x2ct-biplanar); repeat it to time "
+                             "several in one run, each configuration of each in turn")
+    parser.add_argument("--model", type=Path, help="a CT2X biplanar films -> CT model file (instead of --kind)")
     parser.add_argument("--ct2x", type=Path, action="append",
                         help="import ct2x from DIR (a patched copy holding ct2x/; '.' = this checkout); repeat it to "
                              "compare copies in one run, each configuration of each copy in turn")
@@ -611,22 +637,36 @@ def main() -> None:
     if names[0] != "fp32" and "fp32" in configs and any(name in configs for name in names):
         names.insert(0, "fp32")  # the agreement reference
 
-    copies: List[Optional[Path]] = [None if d is None or d.resolve() == BENCH.parent else d.resolve()
-                                    for d in (args.ct2x or [None])]
-    labels = ["this checkout" if d is None else d.name for d in copies]
-    weights = "seed0" if args.model is None else args.model.stem
-    device_tag = f"{weights}_{args.device.replace(':', '')}_{args.threads}t"
-    out_dirs = [WORK / f"{'head' if d is None else d.name}_{device_tag}" for d in copies]
-    for out_dir in out_dirs:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    size = 128
+    if args.model is not None and args.kind:
+        raise SystemExit("--kind and --model exclude each other: the model file says its kind")
+    size, kinds = 128, args.kind or ["x2ct-biplanar"]
     if args.model is not None:
         from ct2x.models import read_info
 
-        size = int(read_info(args.model).config.get("input_size", 128))
+        info = read_info(args.model)
+        size, kinds = int(info.config.get("input_size", 128)), [info.kind]
+    # targets: each kind with each ct2x copy; a label, an output folder and an agreement reference each
+    directories: List[Optional[Path]] = [None if d is None or d.resolve() == BENCH.parent else d.resolve()
+                                         for d in (args.ct2x or [None])]
+    targets = [(kind, d) for kind in dict.fromkeys(kinds) for d in directories]
+    copies = [d for _, d in targets]
+    labels = [("" if len(kinds) == 1 else kind + ", ") + ("this checkout" if d is None else d.name)
+              for kind, d in targets]
+    weights = "seed0" if args.model is None else args.model.stem
+    device_tag = f"{weights}_{args.device.replace(':', '')}_{args.threads}t"
+
+    def out_dir_of(kind: str, directory: Optional[Path]) -> Path:  # X2CT-GAN's keeps its earlier name
+        return WORK / (f"{'head' if directory is None else directory.name}_"
+                       f"{'' if kind == 'x2ct-biplanar' else kind + '_'}{device_tag}")
+
+    out_dirs = [out_dir_of(kind, d) for kind, d in targets]
+    for out_dir in out_dirs:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    references = [next(i for i, (other, _) in enumerate(targets) if other == kind) for kind, _ in targets]
     film = films(args.data_dir, size)
     films_path = WORK / f"films_{size}.npz"
-    model_file = args.model if args.model is not None else (random_model_file() if LOAD in names else None)
+    model_files = {kind: args.model if args.model is not None else random_model_file(kind) if LOAD in names else None
+                   for kind in kinds}
 
     facts = machine_facts(args.device)
     started = time.time()
@@ -635,41 +675,44 @@ def main() -> None:
           f"{fmt(facts['memory_gib'], 0)} GiB, Python {facts['python']}, torch {facts['torch']}"
           + (f", GPU {facts.get('gpu')} (CUDA {facts.get('cuda')})" if cuda else "")
           + f"; {args.threads} threads; load average {fmt(load_start)} at the start", flush=True)
-    print(f"weights: {'random official initialisation (seed 0)' if args.model is None else args.model}; "
+    print(f"weights: {'random initialisation (seed 0), default size' if args.model is None else args.model}; "
           f"{film['source']}; ct2x: {', '.join(labels)}\n", flush=True)
 
-    results: List[Dict[str, Dict[str, Any]]] = [{} for _ in copies]
+    results: List[Dict[str, Dict[str, Any]]] = [{} for _ in targets]
     for name in names:
         if name == PROFILE:
             continue  # after the timings
-        for index, (copy, label, out_dir) in enumerate(zip(copies, labels, out_dirs)):
+        for index, ((kind, copy), label, out_dir) in enumerate(zip(targets, labels, out_dirs)):
             job: Dict[str, Any] = {"device": args.device, "threads": args.threads, "repeats": args.repeats,
-                                   "films": str(films_path), "model": str(args.model) if args.model else None}
+                                   "films": str(films_path), "model": str(args.model) if args.model else None,
+                                   "network": kind}
             if name == LOAD:
-                job.update(kind="load", model_file=str(model_file))
+                job.update(kind="load", model_file=str(model_files[kind]))
             else:
                 job.update(kind="reconstruct", out=str(out_dir / f"out_{name}.npy"), **configs[name])
                 job["threads"] = configs[name].get("threads") or args.threads
-            print(f"  {name}{'' if len(copies) == 1 else ', ' + label} ...", end="", flush=True)
+            print(f"  {name}{'' if len(targets) == 1 else ', ' + label} ...", end="", flush=True)
             result = results[index][name] = run_worker(job, copy, args.timeout)
             print(f" {result['error']}" if "error" in result else
                   f" {fmt(statistics.median(result['s']))} s" + (f" (first {fmt(result['first_s'])} s)"
                                                                   if "first_s" in result else ""), flush=True)
-    profiles: List[Dict[str, Dict[str, Any]]] = [{} for _ in copies]
+    profiles: List[Dict[str, Dict[str, Any]]] = [{} for _ in targets]
     if PROFILE in names:
         for name in ("fp32", BF16_PATH["cuda" if cuda else "cpu"]):
-            for index, (copy, label) in enumerate(zip(copies, labels)):
+            for index, ((kind, copy), label) in enumerate(zip(targets, labels)):
                 job = {"device": args.device, "threads": args.threads, "films": str(films_path), "kind": "profile",
-                       "model": str(args.model) if args.model else None, **configs[name]}
-                print(f"  profile {name}{'' if len(copies) == 1 else ', ' + label} ...", end="", flush=True)
+                       "model": str(args.model) if args.model else None, "network": kind, **configs[name]}
+                print(f"  profile {name}{'' if len(targets) == 1 else ', ' + label} ...", end="", flush=True)
                 profiles[index][name] = run_worker(job, copy, args.timeout)
                 print(f" {profiles[index][name].get('error', 'done')}", flush=True)
 
-    # agreement: with this run's fp32 of the same copy, and with the first copy's output of the same configuration
-    # (with one patched copy only: the unpatched checkout's output from an earlier run, same weights and threads)
-    head_dir = WORK / f"head_{device_tag}"
+    # agreement: with this run's fp32 of the same copy and kind, and with the kind's first copy's output of the same
+    # configuration (with one patched copy only: the unpatched checkout's output from an earlier run, same weights
+    # and threads)
     for index, out_dir in enumerate(out_dirs):
-        reference_dir = out_dirs[0] if index > 0 else head_dir if copies[0] is not None else None
+        kind, reference = targets[index][0], references[index]
+        reference_dir = out_dirs[reference] if index != reference else \
+            out_dir_of(kind, None) if copies[index] is not None else None
         for name, result in results[index].items():
             path = out_dir / f"out_{name}.npy"
             if name == LOAD or "error" in result or not path.exists():
@@ -681,7 +724,8 @@ def main() -> None:
                 result["mean_abs_hu_vs_fp32"] = mean_hu_difference(value, reference)
             if reference_dir is not None and (reference_dir / path.name).exists():
                 result["rel_l2_vs_reference"] = relative_l2(value, np.load(reference_dir / path.name))
-    reference_label = labels[0] if len(copies) > 1 else "this checkout (earlier run)" if copies[0] else None
+    reference_label = "the kind's first ct2x" if len(directories) > 1 else \
+        "this checkout (earlier run)" if directories[0] else None
 
     load_end = load_average()
     print(f"\n{args.device.upper()}, torch {facts['torch']}, median of {args.repeats} calls after a first one; "
@@ -689,9 +733,9 @@ def main() -> None:
           f"{(time.time() - started) / 60:.1f} min")
     for label, result, profile in zip(labels, results, profiles):
         print_tables(args, label, result, profile, reference_label)
-    if len(copies) > 1:
-        print_comparison(labels, results)
-    busy = [f"{name}{'' if len(copies) == 1 else ' (' + label + ')'} ({statistics.median(foreign):.0f} %)"
+    if len(targets) > 1:
+        print_comparison(labels, results, references)
+    busy = [f"{name}{'' if len(targets) == 1 else ' (' + label + ')'} ({statistics.median(foreign):.0f} %)"
             for label, result in zip(labels, results) for name, r in result.items()
             for foreign in [[f for f in r.get("foreign_percent", []) if f is not None]]
             if foreign and statistics.median(foreign) > FOREIGN_WARN_PERCENT]
@@ -768,23 +812,28 @@ def print_tables(args, label: str, results, profiles, reference_label: Optional[
             print(f"| {stage['stage']} | {stage['ms']:.0f} | {fmt(stage['peak_rss_mib'], 0)} |")
 
 
-def print_comparison(labels: List[str], results: List[Dict[str, Dict[str, Any]]]) -> None:
-    """One row per copy and configuration: median, ratio to the first copy (same run), peak, agreement."""
-    print(f"\nCopies compared in this run (ratio = median / {labels[0]}'s median, same configuration):\n")
-    print("| configuration | ct2x | median s | ratio | CPU s per call | peak RSS MiB | rel L2 vs " + labels[0] + " |")
-    print("|---|---|---|---|---|---|---|")
+def print_comparison(labels: List[str], results: List[Dict[str, Dict[str, Any]]], references: List[int]) -> None:
+    """One row per copy (and kind) and configuration: median, ratio to the kind's first copy (same run), peak,
+    agreement with that copy's output."""
+    print("\nCompared in this run (ratio = median / the median of the kind's first ct2x, same configuration):\n")
+    print("| configuration | ct2x | median s | ratio | CPU s per call | foreign CPU % | peak RSS MiB | "
+          "rel L2 vs the kind's first ct2x |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in results[0]:
         if name == LOAD:
             continue
-        base = results[0][name]
-        for label, result in zip(labels, (r.get(name, {}) for r in results)):
+        for index, (label, result) in enumerate(zip(labels, (r.get(name, {}) for r in results))):
             if "s" not in result:
                 print(f"| {name} | {label} | {result.get('error', 'not run')[:80]} |")
                 continue
+            base = results[references[index]].get(name, {})
             median = statistics.median(result["s"])
             ratio = median / statistics.median(base["s"]) if "s" in base else None
+            foreign = [f for f in result["foreign_percent"] if f is not None]
+            agreement = "(reference)" if references[index] == index else fmt_rel(result.get("rel_l2_vs_reference"))
             print(f"| {name} | {label} | {fmt(median)} | {fmt(ratio)} | {fmt(statistics.median(result['cpu_s']))} | "
-                  f"{fmt(result['peak_rss_mib'], 0)} | {fmt_rel(result.get('rel_l2_vs_reference', 0.0))} |")
+                  f"{fmt(statistics.median(foreign) if foreign else None, 0)} | {fmt(result['peak_rss_mib'], 0)} | "
+                  f"{agreement} |")
 
 
 if __name__ == "__main__":

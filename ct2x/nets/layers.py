@@ -182,13 +182,7 @@ class DecoderLevel3d(nn.Module):
             return self.compress_input(torch.cat([volume, skip.volume()], dim=1))
         split = volume.shape[1]
         out = F.conv3d(volume, conv.weight[:, :split], conv.bias, padding=1)  # (N, channels, S, S, S)
-        responses = tap_responses(skip.planes, conv.weight[:, split:]).to(out.dtype)  # (N, 3 planes, 3 taps, ...)
-        size = skip.size
-        for plane in sorted({0, 1, size - 2, size - 1} & set(range(size))):  # planes next to the padding
-            reads = [(skip.plane(plane + tap - 1), tap) for tap in range(3)]
-            out[:, :, plane] += sum(responses[:, source, tap] for source, tap in reads if source >= 0)
-        if size > 4:  # every inner plane reads the inner map through all three taps
-            out[:, :, 2:size - 2] += responses[:, 1].sum(dim=1).unsqueeze(2)
+        add_lifted_conv(out, skip, conv.weight[:, split:])
         return self.compress.relu(self.compress.norm(out))
 
     def refine(self, volume: Tensor) -> Tensor:
@@ -229,6 +223,19 @@ def tap_responses(planes: Tensor, weight: Tensor, bias: Optional[Tensor] = None)
     taps = weight.permute(2, 0, 1, 3, 4).reshape(-1, channels, *weight.shape[3:])  # (3 taps x out, in, 3, 3)
     bias = None if bias is None else bias.repeat(3)
     return F.conv2d(batch, taps, bias, padding=1).view(n, 3, 3, weight.shape[0], rows, columns)
+
+
+def add_lifted_conv(out: Tensor, skip: Lifted, weight: Tensor) -> None:
+    """out += conv3d(skip.volume(), weight, padding=1) for a 3 x 3 x 3 kernel `weight` (out, in, 3, 3, 3), in place on
+    `out` (N, out, size, rows, columns, the skip's layout; a view is fine), without building the skip's volume: along
+    the lifted axis the convolution has only 5 distinct planes (2-D convolutions of the skip's 3 planes)."""
+    responses = tap_responses(skip.planes, weight).to(out.dtype)  # (N, 3 planes, 3 taps, out, rows, columns)
+    size = skip.size
+    for plane in sorted({0, 1, size - 2, size - 1} & set(range(size))):  # planes next to the padding
+        reads = [(skip.plane(plane + tap - 1), tap) for tap in range(3)]
+        out[:, :, plane] += sum(responses[:, source, tap] for source, tap in reads if source >= 0)
+    if size > 4:  # every inner plane reads the inner map through all three taps
+        out[:, :, 2:size - 2] += responses[:, 1].sum(dim=1).unsqueeze(2)
 
 
 def lifted_conv(conv: nn.Conv3d, planes: Tensor, size: int) -> Tensor:
