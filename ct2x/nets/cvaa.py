@@ -44,6 +44,7 @@ from ct2x.nets.x2ct import (
     FilmEncoder,
     OneChannelConv3d,
     X2CTConfig,
+    check_encoder_fields,
     check_film,
     output_head,
 )
@@ -74,17 +75,9 @@ class CVAAConfig(JSONConfig):
     fine_distillation: bool = True  # FD; off: no fine feature in the concatenation
 
     def __post_init__(self) -> None:
+        check_encoder_fields(self)
         owner = type(self).__name__
-        check_int(owner, "input_size", self.input_size, 64)
-        if self.input_size % 32:
-            raise ValueError(f"{owner}.input_size must be a multiple of 32, got {self.input_size}")
-        for name in ("base_channels", "growth", "bottleneck"):
-            check_int(owner, name, getattr(self, name), 1)
-        check_ints(owner, "encoder_blocks", self.encoder_blocks, ENCODER_STAGES, 1)
-        check_ints(owner, "decoder_channels", self.decoder_channels, DECODER_LEVELS, 1)
         check_ints(owner, "decoder_blocks", self.decoder_blocks, DECODER_LEVELS, 0)
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ValueError(f"{owner}.dropout must be a probability in [0, 1), got {self.dropout!r}")
         check_int(owner, "view_kernel", self.view_kernel, 1)
         if self.view_kernel % 2 == 0:
             raise ValueError(f"{owner}.view_kernel must be odd (the features keep their size), got {self.view_kernel}")

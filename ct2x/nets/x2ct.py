@@ -46,18 +46,10 @@ class X2CTConfig(JSONConfig):
     dropout: float = 0.5  # Connection-A dropout probability (training only)
 
     def __post_init__(self) -> None:
+        check_encoder_fields(self)
         owner = type(self).__name__
-        check_int(owner, "input_size", self.input_size, 64)
-        if self.input_size % 32:
-            raise ValueError(f"{owner}.input_size must be a multiple of 32, got {self.input_size}")
-        for name in ("base_channels", "growth", "bottleneck"):
-            check_int(owner, name, getattr(self, name), 1)
-        check_ints(owner, "encoder_blocks", self.encoder_blocks, ENCODER_STAGES, 1)
-        check_ints(owner, "decoder_channels", self.decoder_channels, DECODER_LEVELS, 1)
         check_ints(owner, "view_decoder_blocks", self.view_decoder_blocks, DECODER_LEVELS, 0)
         check_ints(owner, "fusion_blocks", self.fusion_blocks, DECODER_LEVELS, 0)
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ValueError(f"{owner}.dropout must be a probability in [0, 1), got {self.dropout!r}")
 
     @classmethod
     def scaled(cls, input_size: int = 128, width: float = 0.25, depth: float = 0.5) -> X2CTConfig:
@@ -84,6 +76,22 @@ class X2CTConfig(JSONConfig):
             dense_channels = channels[-1] + layers * self.growth
             channels.append(dense_channels if stage == ENCODER_STAGES - 1 else dense_channels // 2)
         return tuple(channels)
+
+
+def check_encoder_fields(config: Any) -> None:
+    """ValueError naming the field, unless the film-encoder fields of `config` (an X2CTConfig, or a configuration
+    built on its encoder) fit: input_size, base_channels, growth, bottleneck, encoder_blocks, decoder_channels,
+    dropout."""
+    owner = type(config).__name__
+    check_int(owner, "input_size", config.input_size, 64)
+    if config.input_size % 32:
+        raise ValueError(f"{owner}.input_size must be a multiple of 32, got {config.input_size}")
+    for name in ("base_channels", "growth", "bottleneck"):
+        check_int(owner, name, getattr(config, name), 1)
+    check_ints(owner, "encoder_blocks", config.encoder_blocks, ENCODER_STAGES, 1)
+    check_ints(owner, "decoder_channels", config.decoder_channels, DECODER_LEVELS, 1)
+    if isinstance(config.dropout, bool) or not isinstance(config.dropout, (int, float)) or not 0 <= config.dropout < 1:
+        raise ValueError(f"{owner}.dropout must be a probability in [0, 1), got {config.dropout!r}")
 
 
 PRESETS = {
