@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from ct2x.io import save_ct
 from ct2x.models import build_network
 from ct2x.nets.patch_discriminator import PatchDiscriminatorConfig
 from ct2x.nets.x2ct import X2CTConfig
-from ct2x.train.config import TrainConfig
+from ct2x.train.config import CONFIG_FILE, TrainConfig
 from ct2x.train.recon_gan import ReconGAN
 from ct2x.train.trainer import Trainer
 
@@ -51,6 +52,19 @@ def test_generator_steps_lower_the_loss_on_a_fixed_batch(prepared):
     assert losses[-1] < losses[0]
 
 
+def test_without_gan_loss_no_discriminator_is_built_and_the_loss_falls(prepared, tmp_path):
+    torch.manual_seed(0)
+    trainer = Trainer(tiny_config(prepared, gan_weight=0.0, learning_rate=1e-3), tmp_path, torch.device("cpu"))
+    assert trainer.discriminator is None and trainer.objective.discriminator_optimizer is None
+    batch = torch.utils.data.default_collate([ReconDataset(prepared, "train")[0]])
+    steps = [trainer.objective.step(batch, torch.device("cpu")) for _ in range(4)]
+    assert set(steps[0]) == {"g_voxel", "g_projection", "g_total"}  # no adversarial term, no discriminator loss
+    assert steps[-1]["g_voxel"] < steps[0]["g_voxel"]
+    with pytest.raises(ValueError, match="needs no discriminator"):
+        ReconGAN(trainer.generator, build_network("patch-discriminator-3d", TINY_DISCRIMINATOR), ("pa", "lateral"),
+                 tiny_config(prepared, gan_weight=0.0))
+
+
 def test_learning_rate_is_constant_then_falls_linearly():
     config = TrainConfig(data="x", steps=10, decay_steps=4)
     rates = [config.learning_rate_at(step) for step in range(10)]
@@ -65,13 +79,17 @@ def test_bad_settings_are_refused():
         TrainConfig(steps=5, decay_steps=6)
     with pytest.raises(CT2XInputError, match="unknown settings"):
         TrainConfig.from_dict({"stepz": 3})
+    with pytest.raises(CT2XInputError, match="gan_weight"):
+        TrainConfig(gan_weight=-0.1)
 
+
+@pytest.mark.parametrize("gan_weight", [0.1, 0.0])
 
 @pytest.mark.slow
-def test_run_files_and_exact_resume(prepared, tmp_path, monkeypatch):
+def test_run_files_and_exact_resume(prepared, tmp_path, monkeypatch, gan_weight):
     straight = tmp_path / "straight"
     straight.mkdir()
-    Trainer(tiny_config(prepared), straight, torch.device("cpu")).run(progress=False)
+    Trainer(tiny_config(prepared, gan_weight=gan_weight), straight, torch.device("cpu")).run(progress=False)
     assert {p.name for p in straight.iterdir()} >= {"log.csv", "checkpoint.pt", "model.safetensors", "samples"}
     assert (straight / "samples" / "step_000002.png").exists()
     network, info = models.load(straight / "model.safetensors")
@@ -79,6 +97,9 @@ def test_run_files_and_exact_resume(prepared, tmp_path, monkeypatch):
     assert info.inputs["film_px"] == 64 and info.outputs["field_of_view_mm"] == 320.0 and info.outputs["voxels"] == 64
     assert tuple(network(torch.rand(1, 1, 64, 64), torch.rand(1, 1, 64, 64)).shape) == (1, 1, 64, 64, 64)
     uninterrupted = list(csv.DictReader((straight / "log.csv").open()))
+    checkpoint = torch.load(straight / "checkpoint.pt", weights_only=True)
+    adversarial = {"discriminator", "discriminator_optimizer", "g_gan", "d_total"}  # checkpoint entries, log columns
+    assert adversarial & (set(checkpoint) | set(uninterrupted[0])) == (adversarial if gan_weight else set())
 
     interrupted = tmp_path / "interrupted"
     interrupted.mkdir()
@@ -92,12 +113,13 @@ def test_run_files_and_exact_resume(prepared, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ReconGAN, "step", stopped_at_the_third_step)
     with pytest.raises(KeyboardInterrupt):
-        Trainer(tiny_config(prepared), interrupted, torch.device("cpu")).run(progress=False)
+        Trainer(tiny_config(prepared, gan_weight=gan_weight), interrupted, torch.device("cpu")).run(progress=False)
     monkeypatch.setattr(ReconGAN, "step", real_step)
-    Trainer(tiny_config(prepared), interrupted, torch.device("cpu"), resume=True).run(progress=False)
+    Trainer(tiny_config(prepared, gan_weight=gan_weight), interrupted, torch.device("cpu"),
+            resume=True).run(progress=False)
     resumed = list(csv.DictReader((interrupted / "log.csv").open()))
     assert [row["step"] for row in resumed] == ["1", "2", "3"]
-    for key in ("g_total", "d_total", "g_voxel", "g_projection"):
+    for key in set(uninterrupted[2]) - {"seconds"}:
         assert resumed[2][key] == uninterrupted[2][key]  # the step after resuming equals the uninterrupted run's
 
 
@@ -108,3 +130,27 @@ def test_train_command_line(prepared, tmp_path, capsys):
             "--depth", "0.25", "--steps", "1", "--no-augment", "--quiet"]
     assert main(args) == 0 and (run / "model.safetensors").exists()
     assert main(args) == 2 and "--resume" in capsys.readouterr().err  # the folder is taken
+
+
+@pytest.mark.parametrize("options, expected", [
+    (["--model", "cvaa", "--no-view-attention"], {"view_attention": False, "fine_distillation": True}),
+    (["--model", "cvaa", "--no-fine-distillation"], {"view_attention": True, "fine_distillation": False}),
+    (["--model", "x2ct", "--gan-weight", "0"], {}),
+])
+def test_train_options_reach_the_run_config(prepared, tmp_path, monkeypatch, options, expected):
+    monkeypatch.setattr(Trainer, "run", lambda self, progress=True: None)  # the settings only, no training
+    run = tmp_path / "run"
+    assert main(["train", "recon", "--data", str(prepared), "--out", str(run), "--preset", "scaled", "--width",
+                 "0.125", "--depth", "0.25", "--steps", "1", "--quiet", *options]) == 0
+    saved = json.loads((run / CONFIG_FILE).read_text())
+    assert {key: saved["generator_config"][key] for key in expected} == expected
+    assert saved["gan_weight"] == (0.0 if "--gan-weight" in options else 0.1)
+    build_network(TrainConfig.from_dict(saved).recipe["generator"], saved["generator_config"])  # a valid network
+
+
+def test_cvaa_switches_are_refused_for_other_models(prepared, tmp_path, capsys):
+    for model in ("x2ct", "x2ct-single"):
+        assert main(["train", "recon", "--model", model, "--data", str(prepared), "--out", str(tmp_path / model),
+                     "--no-fine-distillation"]) == 2
+        assert "use --model cvaa" in capsys.readouterr().err
+        assert not (tmp_path / model).exists()

@@ -37,6 +37,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="learning rate falls linearly to 0 over the last N steps (default: half of --steps)")
     parser.add_argument("--batch-size", type=int, default=1, help="per process (default %(default)s)")
     parser.add_argument("--learning-rate", type=float, default=2e-4, help="Adam (default %(default)s)")
+    parser.add_argument("--gan-weight", type=float, default=0.1, metavar="W",
+                        help="weight of the LSGAN loss (default %(default)s, X2CT-GAN's); 0 trains no discriminator: "
+                             "the generator learns from the voxel and projection losses alone")
+    parser.add_argument("--no-view-attention", action="store_true",
+                        help="--model cvaa only: ablation without view attention alignment (the views are added)")
+    parser.add_argument("--no-fine-distillation", action="store_true",
+                        help="--model cvaa only: ablation without fine distillation")
     parser.add_argument("--no-augment", action="store_true", help="train on the stored films only")
     parser.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes (default %(default)s)")
@@ -63,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
         device_name = f"cuda:{os.environ['LOCAL_RANK']}"
     device = torch_device(device_name)
     first_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only the first sets up the folder
+    switches = {"view_attention": not args.no_view_attention, "fine_distillation": not args.no_fine_distillation}
+    if args.model != "cvaa" and not all(switches.values()):
+        raise CT2XInputError(f"--no-view-attention and --no-fine-distillation switch parts of CVAA-GAN off; --model "
+                             f"{args.model} has neither (use --model cvaa)")
     if args.resume:
         config = TrainConfig.load(run_dir / CONFIG_FILE)
     else:
@@ -78,11 +89,14 @@ def run(args: argparse.Namespace) -> int:
                                  f"{prepared['film_px']} px films and {prepared['ct_voxels']}^3 voxels")
         generator, discriminator = network_configs(args.model, prepared["ct_voxels"],
                                                    None if args.preset == "full" else args.width, args.depth)
+        if args.model == "cvaa":
+            generator = {**generator, **switches}
         config = TrainConfig(
             model=args.model, data=str(Path(args.data).expanduser().resolve()),
             generator_config=generator, discriminator_config=discriminator, steps=args.steps,
             decay_steps=args.steps // 2 if args.decay_steps is None else args.decay_steps,
-            batch_size=args.batch_size, learning_rate=args.learning_rate, augment=not args.no_augment,
+            batch_size=args.batch_size, learning_rate=args.learning_rate, gan_weight=args.gan_weight,
+            augment=not args.no_augment,
             seed=args.seed, workers=args.workers, checkpoint_every=args.checkpoint_every,
             sample_every=args.sample_every)
         if first_process:

@@ -43,7 +43,7 @@ class TrainConfig:
     batch_size: int = 1  # per process
     learning_rate: float = 2e-4  # Adam, generator and discriminator (X2CT-GAN's)
     betas: Tuple[float, float] = (0.5, 0.99)
-    gan_weight: float = 0.1  # loss weights (X2CT-GAN's): LSGAN ...
+    gan_weight: float = 0.1  # loss weights (X2CT-GAN's): LSGAN (0: no discriminator, X2CT-CNN-style) ...
     voxel_weight: float = 10.0  # ... voxel MSE ...
     projection_weight: float = 10.0  # ... projection L1
     augment: bool = True  # re-render films on the fly (ct2x.data.recon_dataset.ReconAugmentation defaults)
@@ -64,6 +64,15 @@ class TrainConfig:
             raise CT2XInputError(f"decay_steps={self.decay_steps}: must lie between 0 and steps ({self.steps})")
         if not self.learning_rate > 0:
             raise CT2XInputError(f"learning_rate={self.learning_rate}: must be positive")
+        for name in ("gan_weight", "voxel_weight", "projection_weight"):
+            if not getattr(self, name) >= 0:
+                raise CT2XInputError(f"{name}={getattr(self, name)!r}: must be 0 or more")
+
+    @property
+    def adversarial(self) -> bool:
+        """Whether the run trains a discriminator (gan_weight > 0); without one the generator learns from the voxel
+        and projection losses alone."""
+        return self.gan_weight > 0
 
     @property
     def recipe(self) -> Dict[str, Any]:

@@ -3,7 +3,8 @@
 A run folder holds `config.json` (every setting), `log.csv` (losses and learning rate per logged step), TensorBoard
 events when the `tensorboard` package is installed, `samples/step_NNNNNN.png` (mid slices: true above, predicted
 below), `checkpoint.pt` (written atomically every `checkpoint_every` steps and at the end) and, at the end,
-`model.safetensors` (the generator as a CT2X model file, `ct2x.models`).
+`model.safetensors` (the generator as a CT2X model file, `ct2x.models`). With `gan_weight` 0 no discriminator is built,
+trained or checkpointed.
 
 Resuming continues exactly: the checkpoint holds the networks, optimisers, random-number state and the position in
 the seeded data order, so with a fixed seed the next step's losses equal those of a run that was never stopped.
@@ -46,13 +47,15 @@ class Trainer:
         torch.manual_seed(config.seed + self.rank)
         recipe = config.recipe
         self.generator = build_network(recipe["generator"], config.generator_config).to(device)
-        self.discriminator = build_network(recipe["discriminator"], config.discriminator_config).to(device)
+        self.discriminator = (build_network(recipe["discriminator"], config.discriminator_config).to(device)
+                              if config.adversarial else None)  # gan_weight 0: none is built or trained
         if self.world > 1:
             wrap = torch.nn.parallel.DistributedDataParallel
             ids = [device.index] if device.type == "cuda" else None
             # The generator's per-view heads (X2CT's auxiliary outputs) take no part in the loss.
             self.generator = wrap(self.generator, ids, find_unused_parameters=True)
-            self.discriminator = wrap(self.discriminator, ids)
+            if self.discriminator is not None:
+                self.discriminator = wrap(self.discriminator, ids)
         self.objective = ReconGAN(self.generator, self.discriminator, recipe["films"], config)
         self.dataset = ReconDataset(config.data, "train", ReconAugmentation() if config.augment else None,
                                     seed=config.seed)
@@ -80,7 +83,8 @@ class Trainer:
                 losses = self.objective.step(batch, self.device)
             self.step += 1
             bar.update(1)
-            bar.set_postfix(g=f"{losses['g_total']:.3f}", d=f"{losses['d_total']:.3f}")
+            bar.set_postfix({key: f"{losses[name]:.3f}" for key, name in (("g", "g_total"), ("d", "d_total"))
+                             if name in losses})
             if self.is_main and (self.step % config.log_every == 0 or self.step == config.steps):
                 row = {"step": self.step, "learning_rate": config.learning_rate_at(self.step - 1),
                        "seconds": round(time.perf_counter() - started, 2), **losses}
@@ -119,9 +123,10 @@ class Trainer:
     def _save_checkpoint(self) -> None:
         if not self.is_main:
             return
-        state = {"step": self.step, "config": self.config.to_dict(),
-                 "generator": _unwrap(self.generator).state_dict(),
-                 "discriminator": _unwrap(self.discriminator).state_dict(),
+        networks = {"generator": _unwrap(self.generator).state_dict()}
+        if self.discriminator is not None:
+            networks["discriminator"] = _unwrap(self.discriminator).state_dict()
+        state = {"step": self.step, "config": self.config.to_dict(), **networks,
                  **self.objective.optimizer_states(), "torch_rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
         temporary = self.run_dir / f".{CHECKPOINT}.{os.getpid()}"
@@ -136,7 +141,8 @@ class Trainer:
         if state["config"] != self.config.to_dict():
             raise CT2XInputError(f"{path}: was written with other settings; resume with the run's own config.json")
         _unwrap(self.generator).load_state_dict(state["generator"])
-        _unwrap(self.discriminator).load_state_dict(state["discriminator"])
+        if self.discriminator is not None:
+            _unwrap(self.discriminator).load_state_dict(state["discriminator"])
         self.objective.load_optimizer_states(state)
         torch.set_rng_state(state["torch_rng"].cpu())
         if state["cuda_rng"]:
