@@ -1,7 +1,8 @@
-"""`ct2x train recon --model x2ct --data DIR --out RUN`: train an X-ray -> CT network on a prepared folder.
+"""`ct2x train recon --model x2ct --data DIR --out RUN`: train an X-ray -> CT network on a prepared folder;
+`ct2x train synth --data DIR --out RUN`: train CT2X-GAN (CT -> X-ray synthesis) on a `prepare synth` folder.
 
-The same command runs on one process or, under `torchrun --nproc_per_node N -m ct2x.cli.main train recon ...`, on
-many (DistributedDataParallel, on one machine or several).
+`train recon` runs on one process or, under `torchrun --nproc_per_node N -m ct2x.cli.main train recon ...`, on
+many (DistributedDataParallel, on one machine or several); `train synth` on one process.
 """
 
 from __future__ import annotations
@@ -13,38 +14,52 @@ from pathlib import Path
 from ct2x.errors import CT2XInputError
 
 PRESETS = ("full", "scaled")
+TASKS = {"recon": "x2ct", "synth": "ct2x-gan"}  # task -> default model
+DEFAULTS = {  # task -> the defaults of the options that differ: X2CT-GAN's; CT2X-GAN's paper (lr 0.0025, batch 16)
+    # with StyleGAN2's betas and constant learning rate (ct2x.train.synth_gan)
+    "recon": {"learning_rate": 2e-4, "batch_size": 1, "betas": (0.5, 0.99)},
+    "synth": {"learning_rate": 0.0025, "batch_size": 16, "betas": (0.0, 0.99)},
+}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "train", help="train a network",
         description="Train an X-ray -> CT network (X2CT-GAN's losses and optimiser) on a folder made by "
-                    "`ct2x prepare recon`. Writes config.json, log.csv, samples/, checkpoint.pt and model.safetensors "
-                    "into the run folder; --resume continues a stopped run exactly.")
-    parser.add_argument("task", choices=("recon",), help="recon: films -> CT")
-    parser.add_argument("--model", choices=("x2ct", "x2ct-single", "cvaa"), default="x2ct",
-                        help="x2ct: PA + lateral (X2CT-GAN+B); x2ct-single: PA only (+S); cvaa: PA + lateral "
-                             "(CVAA-GAN, view-attention fusion) (default %(default)s)")
+                    "`ct2x prepare recon`, or CT2X-GAN (CT -> X-ray synthesis, its paper's losses) on a folder made "
+                    "by `ct2x prepare synth`. Writes config.json, log.csv, samples/, checkpoint.pt and "
+                    "model.safetensors into the run folder; --resume continues a stopped run exactly.")
+    parser.add_argument("task", choices=TASKS, help="recon: films -> CT; synth: CT -> X-ray films (CT2X-GAN)")
+    parser.add_argument("--model", choices=("x2ct", "x2ct-single", "cvaa", "ct2x-gan"),
+                        help="recon: x2ct: PA + lateral (X2CT-GAN+B, the default); x2ct-single: PA only (+S); cvaa: "
+                             "PA + lateral (CVAA-GAN, view-attention fusion); synth: ct2x-gan (the default)")
     parser.add_argument("--data", required=True, metavar="DIR", help="prepared folder (`ct2x prepare recon`)")
     parser.add_argument("--out", required=True, metavar="RUN", help="run folder (new, or the run to --resume)")
     parser.add_argument("--preset", choices=PRESETS, default="full",
                         help="network size: the official one, or scaled by --width and --depth for CPU training "
                              "(default %(default)s)")
     parser.add_argument("--width", type=float, default=0.25, help="scaled preset: channel factor (default 0.25)")
-    parser.add_argument("--depth", type=float, default=0.5, help="scaled preset: dense-layer factor (default 0.5)")
+    parser.add_argument("--depth", type=float, default=0.5,
+                        help="scaled preset, recon only: dense-layer factor (default 0.5)")
     parser.add_argument("--steps", type=int, default=1000, help="generator updates (default %(default)s)")
     parser.add_argument("--decay-steps", type=int, metavar="N",
-                        help="learning rate falls linearly to 0 over the last N steps (default: half of --steps)")
-    parser.add_argument("--batch-size", type=int, default=1, help="per process (default %(default)s)")
-    parser.add_argument("--learning-rate", type=float, default=2e-4, help="Adam (default %(default)s)")
-    parser.add_argument("--gan-weight", type=float, default=0.1, metavar="W",
-                        help="weight of the LSGAN loss (default %(default)s, X2CT-GAN's); 0 trains no discriminator: "
-                             "the generator learns from the voxel and projection losses alone")
+                        help="learning rate falls linearly to 0 over the last N steps (default: recon half of "
+                             "--steps; synth 0, a constant rate as StyleGAN2's)")
+    parser.add_argument("--batch-size", type=int, help="per process (default: recon 1; synth 16, the paper's)")
+    parser.add_argument("--learning-rate", type=float,
+                        help="Adam (default: recon 2e-4, X2CT-GAN's; synth 0.0025, CT2X-GAN's)")
+    parser.add_argument("--gan-weight", type=float, metavar="W",
+                        help="recon: weight of the LSGAN loss (default 0.1, X2CT-GAN's); 0 trains no discriminator: "
+                             "the generator learns from the voxel and projection losses alone; synth: lambda_adv "
+                             "(default 1)")
+    parser.add_argument("--no-lpips", action="store_true",
+                        help="synth only: leave LPIPS out of the reconstruction loss (no pretrained AlexNet needed)")
     parser.add_argument("--no-view-attention", action="store_true",
                         help="--model cvaa only: ablation without view attention alignment (the views are added)")
     parser.add_argument("--no-fine-distillation", action="store_true",
                         help="--model cvaa only: ablation without fine distillation")
-    parser.add_argument("--no-augment", action="store_true", help="train on the stored films only")
+    parser.add_argument("--no-augment", action="store_true",
+                        help="recon: train on the stored films only (synth has no augmentation yet: always)")
     parser.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes (default %(default)s)")
     parser.add_argument("--checkpoint-every", type=int, default=200, metavar="N", help="(default %(default)s)")
@@ -59,9 +74,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     import os
 
-    from ct2x.data.prepare_recon import SETTINGS_FILE
     from ct2x.device import torch_device
-    from ct2x.train.config import CONFIG_FILE, TrainConfig, network_configs
+    from ct2x.train.config import CONFIG_FILE, TrainConfig
     from ct2x.train.trainer import Trainer
 
     run_dir = Path(args.out).expanduser()
@@ -70,35 +84,30 @@ def run(args: argparse.Namespace) -> int:
         device_name = f"cuda:{os.environ['LOCAL_RANK']}"
     device = torch_device(device_name)
     first_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only the first sets up the folder
+    model = args.model or TASKS[args.task]
+    if (model == "ct2x-gan") != (args.task == "synth"):
+        raise CT2XInputError(f"--model {model} does not do `train {args.task}`; `train synth` trains ct2x-gan, "
+                             "`train recon` the others")
     switches = {"view_attention": not args.no_view_attention, "fine_distillation": not args.no_fine_distillation}
-    if args.model != "cvaa" and not all(switches.values()):
+    if model != "cvaa" and not all(switches.values()):
         raise CT2XInputError(f"--no-view-attention and --no-fine-distillation switch parts of CVAA-GAN off; --model "
-                             f"{args.model} has neither (use --model cvaa)")
+                             f"{model} has neither (use --model cvaa)")
+    if args.no_lpips and args.task != "synth":
+        raise CT2XInputError("--no-lpips is for `train synth`: X-ray -> CT training has no LPIPS")
     if args.resume:
         config = TrainConfig.load(run_dir / CONFIG_FILE)
     else:
         if first_process and run_dir.exists() and any(run_dir.iterdir()):
             raise CT2XInputError(f"--out {run_dir}: folder exists and is not empty; choose a new folder, or pass "
                                  "--resume to continue the run in it")
-        settings_file = Path(args.data).expanduser() / SETTINGS_FILE
-        if not settings_file.exists():
-            raise CT2XInputError(f"--data {args.data}: no {SETTINGS_FILE}; prepare it with `ct2x prepare recon`")
-        prepared = json.loads(settings_file.read_text(encoding="utf-8"))["settings"]
-        if prepared["ct_voxels"] != prepared["film_px"]:
-            raise CT2XInputError(f"--data {args.data}: the networks need films as wide as the CT cube; it has "
-                                 f"{prepared['film_px']} px films and {prepared['ct_voxels']}^3 voxels")
-        generator, discriminator = network_configs(args.model, prepared["ct_voxels"],
-                                                   None if args.preset == "full" else args.width, args.depth)
-        if args.model == "cvaa":
-            generator = {**generator, **switches}
+        defaults = DEFAULTS[args.task]
+        settings = (_recon_settings(args, model, switches) if args.task == "recon" else _synth_settings(args))
         config = TrainConfig(
-            model=args.model, data=str(Path(args.data).expanduser().resolve()),
-            generator_config=generator, discriminator_config=discriminator, steps=args.steps,
-            decay_steps=args.steps // 2 if args.decay_steps is None else args.decay_steps,
-            batch_size=args.batch_size, learning_rate=args.learning_rate, gan_weight=args.gan_weight,
-            augment=not args.no_augment,
-            seed=args.seed, workers=args.workers, checkpoint_every=args.checkpoint_every,
-            sample_every=args.sample_every)
+            model=model, data=str(Path(args.data).expanduser().resolve()), steps=args.steps,
+            batch_size=defaults["batch_size"] if args.batch_size is None else args.batch_size,
+            learning_rate=defaults["learning_rate"] if args.learning_rate is None else args.learning_rate,
+            betas=defaults["betas"], seed=args.seed, workers=args.workers, checkpoint_every=args.checkpoint_every,
+            sample_every=args.sample_every, **settings)
         if first_process:
             run_dir.mkdir(parents=True, exist_ok=True)
             config.save(run_dir / CONFIG_FILE)
@@ -107,3 +116,61 @@ def run(args: argparse.Namespace) -> int:
         print(f"ct2x train: {config.steps} steps of {config.model} in {run_dir} (model.safetensors, log.csv, "
               "samples/)")
     return 0
+
+
+def _prepared_settings(args: argparse.Namespace) -> dict:
+    """The `preparation.json` settings of --data."""
+    from ct2x.data.preparation import SETTINGS_FILE
+
+    settings_file = Path(args.data).expanduser() / SETTINGS_FILE
+    if not settings_file.exists():
+        raise CT2XInputError(f"--data {args.data}: no {SETTINGS_FILE}; prepare it with `ct2x prepare {args.task}`")
+    prepared = json.loads(settings_file.read_text(encoding="utf-8"))["settings"]
+    if ("mip_px" in prepared) != (args.task == "synth"):  # only `prepare synth` makes pose MIPs
+        raise CT2XInputError(f"--data {args.data}: not a folder of `ct2x prepare {args.task}`")
+    return prepared
+
+
+def _recon_settings(args: argparse.Namespace, model: str, switches: dict) -> dict:
+    """TrainConfig settings of `train recon` from the options and the prepared folder."""
+    from ct2x.train.config import network_configs
+
+    prepared = _prepared_settings(args)
+    if prepared["ct_voxels"] != prepared["film_px"]:
+        raise CT2XInputError(f"--data {args.data}: the networks need films as wide as the CT cube; it has "
+                             f"{prepared['film_px']} px films and {prepared['ct_voxels']}^3 voxels")
+    generator, discriminator = network_configs(model, prepared["ct_voxels"],
+                                               None if args.preset == "full" else args.width, args.depth)
+    if model == "cvaa":
+        generator = {**generator, **switches}
+    return {"generator_config": generator, "discriminator_config": discriminator,
+            "decay_steps": args.steps // 2 if args.decay_steps is None else args.decay_steps,
+            "gan_weight": 0.1 if args.gan_weight is None else args.gan_weight, "augment": not args.no_augment}
+
+
+def _synth_settings(args: argparse.Namespace) -> dict:
+    """TrainConfig settings of `train synth`: CT2X-GAN's networks at the prepared folder's sizes (the paper's design,
+    or every width times --width) and its loss weights."""
+    from ct2x.nets.ct2x_gan import CT2XGANConfig
+    from ct2x.nets.ct2x_gan_discriminator import PoseDiscriminatorConfig
+
+    prepared = _prepared_settings(args)
+    film_px, ct_voxels, mip_px = prepared["film_px"], prepared["ct_voxels"], prepared["mip_px"]
+    try:
+        if args.preset == "full":
+            generator = CT2XGANConfig(image_size=film_px, ct_size=ct_voxels, mip_size=mip_px)
+            discriminator = PoseDiscriminatorConfig(image_size=film_px)
+        else:
+            generator = CT2XGANConfig.scaled(film_px, ct_voxels, args.width)
+            discriminator = PoseDiscriminatorConfig.scaled(film_px, args.width)
+    except ValueError as error:
+        raise CT2XInputError(f"--data {args.data}: its sizes do not fit CT2X-GAN's networks ({error})") from None
+    if generator.mip_size != mip_px:
+        raise CT2XInputError(f"--data {args.data}: {mip_px} px MIPs, but the scaled networks take {ct_voxels} px "
+                             "(as wide as the CT cube); prepare with --mip-px equal to --voxels, or use --preset full")
+    loss = {"lpips": 0.0} if args.no_lpips else {}
+    if args.gan_weight is not None:
+        loss["adversarial"] = args.gan_weight
+    return {"generator_config": generator.to_dict(), "discriminator_config": discriminator.to_dict(),
+            "loss_config": loss, "decay_steps": 0 if args.decay_steps is None else args.decay_steps,
+            "augment": False}

@@ -1,7 +1,9 @@
 """One training run's settings, saved with the run as `config.json`; every hyper-parameter lives here.
 
 The trainer knows networks only by kind and configuration (built through `ct2x.models.architectures`); `RECIPES`
-names the networks and the objective of each model the command line can train.
+names the networks and the objective of each model the command line can train. The objective (a "module:class"
+string) builds its own training set, sample pictures and model-file metadata (`ct2x.train.recon_gan.ReconGAN` for
+X-ray -> CT, `ct2x.train.synth_gan.SynthGAN` for CT2X-GAN).
 """
 
 from __future__ import annotations
@@ -18,15 +20,21 @@ from ct2x.errors import CT2XInputError
 CONFIG_FILE = "config.json"  # a run folder's settings
 X2CT_CONFIGS = {"generator_config": "ct2x.nets.x2ct:X2CTConfig",
                 "discriminator_config": "ct2x.nets.patch_discriminator:PatchDiscriminatorConfig"}
-RECIPES: Dict[str, Dict[str, Any]] = {  # model name -> what to train (objective, generator, discriminator, films,
-    # and the "module:class" of each network's configuration, see `network_configs`)
-    "x2ct": {"objective": "recon-gan", "generator": "x2ct-biplanar", "discriminator": "patch-discriminator-3d",
+RECON_GAN = "ct2x.train.recon_gan:ReconGAN"
+RECIPES: Dict[str, Dict[str, Any]] = {  # model name -> what to train (the objective's "module:class", generator,
+    # discriminator, films, and the "module:class" of each network's configuration, see `network_configs`)
+    "x2ct": {"objective": RECON_GAN, "generator": "x2ct-biplanar", "discriminator": "patch-discriminator-3d",
              "films": ("pa", "lateral"), **X2CT_CONFIGS},
-    "x2ct-single": {"objective": "recon-gan", "generator": "x2ct-single", "discriminator": "patch-discriminator-3d",
+    "x2ct-single": {"objective": RECON_GAN, "generator": "x2ct-single", "discriminator": "patch-discriminator-3d",
                     "films": ("pa",), **X2CT_CONFIGS},
-    "cvaa": {"objective": "recon-gan", "generator": "cvaa-biplanar", "discriminator": "cvaa-discriminator-3d",
+    "cvaa": {"objective": RECON_GAN, "generator": "cvaa-biplanar", "discriminator": "cvaa-discriminator-3d",
              "films": ("pa", "lateral"), "generator_config": "ct2x.nets.cvaa:CVAAConfig",
              "discriminator_config": "ct2x.nets.cvaa:CVAADiscriminatorConfig"},
+    "ct2x-gan": {"objective": "ct2x.train.synth_gan:SynthGAN", "generator": "ct2x-gan",
+                 "discriminator": "ct2x-gan-discriminator", "films": (),
+                 "generator_config": "ct2x.nets.ct2x_gan:CT2XGANConfig",
+                 "discriminator_config": "ct2x.nets.ct2x_gan_discriminator:PoseDiscriminatorConfig",
+                 "loss_config": "ct2x.nets.ct2x_gan_losses:CT2XGANLossConfig"},
 }
 
 
@@ -35,23 +43,26 @@ class TrainConfig:
     """Settings of a run. Steps count generator updates (one batch each); lengths of time are in steps."""
 
     model: str = "x2ct"  # a RECIPES name
-    data: str = ""  # folder made by `ct2x prepare recon`
+    data: str = ""  # folder made by `ct2x prepare recon` (or `prepare synth` for ct2x-gan)
     generator_config: Dict[str, Any] = field(default_factory=dict)  # constructor keywords ({} = the full network)
     discriminator_config: Dict[str, Any] = field(default_factory=dict)
+    loss_config: Dict[str, Any] = field(default_factory=dict)  # ct2x-gan: CT2XGANLossConfig fields over its defaults
     steps: int = 1000  # total generator updates
     decay_steps: int = 500  # the learning rate falls linearly to 0 over the last `decay_steps` (X2CT: half)
     batch_size: int = 1  # per process
     learning_rate: float = 2e-4  # Adam, generator and discriminator (X2CT-GAN's)
     betas: Tuple[float, float] = (0.5, 0.99)
-    gan_weight: float = 0.1  # loss weights (X2CT-GAN's): LSGAN (0: no discriminator, X2CT-CNN-style) ...
+    # X-ray -> CT loss weights (X2CT-GAN's): LSGAN (0: no discriminator, X2CT-CNN-style) ... (ct2x-gan: loss_config)
+    gan_weight: float = 0.1
     voxel_weight: float = 10.0  # ... voxel MSE ...
     projection_weight: float = 10.0  # ... projection L1
-    augment: bool = True  # re-render films on the fly (ct2x.data.recon_dataset.ReconAugmentation defaults)
+    augment: bool = True  # re-render films on the fly (ct2x.data.recon_dataset.ReconAugmentation defaults; none
+    # exists for ct2x-gan yet, which refuses it)
     seed: int = 0
     workers: int = 0  # data-loading processes per training process
     mixed_precision: bool = True  # bfloat16 autocast on CUDA (ignored on CPU)
     log_every: int = 10
-    sample_every: int = 100  # PNG of mid slices, predicted beside true
+    sample_every: int = 100  # PNG of the objective's sample picture
     checkpoint_every: int = 200
 
     def __post_init__(self) -> None:
@@ -96,6 +107,11 @@ class TrainConfig:
         values = {key: tuple(value) if key == "betas" else value for key, value in data.items()}
         return cls(**values)
 
+    @property
+    def objective_class(self) -> Any:
+        """The class of the recipe's objective."""
+        return named_class(self.recipe["objective"])
+
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
 
@@ -110,10 +126,10 @@ class TrainConfig:
 
 def network_configs(model: str, input_size: int, width: Optional[float] = None,
                     depth: float = 0.5) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """The generator's and discriminator's configurations (JSON values) of the RECIPES `model` for films and volumes
-    of `input_size`: the full networks, or with `width` scaled ones (`scaled(input_size, width, depth)` for the
-    generator, the discriminator's base_channels times `width`)."""
-    generator, discriminator = (_config_class(RECIPES[model][key]) for key in ("generator_config",
+    """The generator's and discriminator's configurations (JSON values) of the X-ray -> CT RECIPES `model` for films
+    and volumes of `input_size`: the full networks, or with `width` scaled ones (`scaled(input_size, width, depth)`
+    for the generator, the discriminator's base_channels times `width`)."""
+    generator, discriminator = (named_class(RECIPES[model][key]) for key in ("generator_config",
                                                                                 "discriminator_config"))
     if width is None:
         return generator(input_size=input_size).to_dict(), discriminator().to_dict()
@@ -122,7 +138,13 @@ def network_configs(model: str, input_size: int, width: Optional[float] = None,
             discriminator(base_channels=narrow).to_dict())
 
 
-def _config_class(name: str) -> Any:
+def network_config(network: Any, given: Dict[str, Any]) -> Dict[str, Any]:
+    """The network's full constructor configuration where it can tell it (`config.to_dict()`), else `given`."""
+    config = getattr(network, "config", None)
+    return config.to_dict() if hasattr(config, "to_dict") else dict(given)
+
+
+def named_class(name: str) -> Any:
     """The class a "module:class" string names (its module imported now)."""
     module, _, attribute = name.partition(":")
     return getattr(importlib.import_module(module), attribute)

@@ -4,10 +4,16 @@ reads. Without a discriminator (gan_weight 0: X2CT-GAN without its GAN loss) a s
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Dict, Optional, Sequence
 
+import numpy as np
 import torch
 
+from ct2x import __version__
+from ct2x.data.recon_dataset import ReconAugmentation, ReconDataset
+from ct2x.models import ModelInfo
 from ct2x.nets.losses import (
     ReconLossWeights,
     lsgan_discriminator,
@@ -16,7 +22,7 @@ from ct2x.nets.losses import (
     voxel_mse,
 )
 from ct2x.nets.x2ct import conditional_input
-from ct2x.train.config import TrainConfig
+from ct2x.train.config import TrainConfig, network_config
 
 
 class ReconGAN:
@@ -28,12 +34,28 @@ class ReconGAN:
         if (discriminator is not None) != config.adversarial:
             raise ValueError(f"gan_weight={config.gan_weight} needs {'a' if config.adversarial else 'no'} "
                              "discriminator")
-        self.generator, self.discriminator, self.films = generator, discriminator, tuple(films)
+        self.generator, self.discriminator, self.films, self.config = generator, discriminator, tuple(films), config
         self.weights = ReconLossWeights(config.gan_weight, config.voxel_weight, config.projection_weight)
         self.generator_optimizer = torch.optim.Adam(generator.parameters(), config.learning_rate, config.betas)
         self.discriminator_optimizer = (None if discriminator is None else
                                         torch.optim.Adam(discriminator.parameters(), config.learning_rate,
                                                          config.betas))
+
+    @staticmethod
+    def uses_discriminator(config: TrainConfig) -> bool:
+        """Whether the trainer builds a discriminator for `config`: unless gan_weight is 0."""
+        return config.adversarial
+
+    @classmethod
+    def for_run(cls, generator: torch.nn.Module, discriminator: Optional[torch.nn.Module],
+                config: TrainConfig) -> ReconGAN:
+        """The objective the trainer uses for `config`'s recipe."""
+        return cls(generator, discriminator, config.recipe["films"], config)
+
+    @staticmethod
+    def training_set(config: TrainConfig) -> ReconDataset:
+        """The training split of `config.data`, re-rendered on the fly when `config.augment`."""
+        return ReconDataset(config.data, "train", ReconAugmentation() if config.augment else None, seed=config.seed)
 
     def set_learning_rate(self, learning_rate: float) -> None:
         for optimizer in self._optimizers():
@@ -76,6 +98,38 @@ class ReconGAN:
         self.discriminator_optimizer.step()
         return {"g_gan": gan.item(), "g_voxel": voxel.item(), "g_projection": projection.item(),
                 "g_total": generator_total.item(), "d_total": discriminator_total.item()}
+
+    def sample_picture(self, batch: Dict[str, torch.Tensor], device: torch.device) -> np.ndarray:
+        """uint8 mid slices of the batch's first case: true above, predicted below (each row coronal (D, W),
+        sagittal (D, H), axial (H, W) side by side)."""
+        predicted = self.generate(batch, device)[0, 0].float().cpu().clamp(0, 1).numpy()
+        true = batch["ct"][0, 0].numpy()  # (D, H, W) in [0, 1]
+
+        def mid_slices(volume: np.ndarray) -> np.ndarray:
+            d, h, w = (n // 2 for n in volume.shape)
+            return np.concatenate([volume[:, h, :], volume[:, :, w], volume[d, :, :]], axis=1)
+
+        sheet = np.concatenate([mid_slices(true), mid_slices(predicted)], axis=0)
+        return (sheet * 255).round().astype(np.uint8)
+
+    def model_info(self, steps: int, cases: int) -> ModelInfo:
+        """The model file's metadata after `steps` steps on `cases` training cases."""
+        from ct2x.data.prepare_recon import SETTINGS_FILE
+
+        config, recipe = self.config, self.config.recipe
+        prepared = json.loads((Path(config.data) / SETTINGS_FILE).read_text(encoding="utf-8"))["settings"]
+        return ModelInfo(
+            kind=recipe["generator"],
+            config=network_config(getattr(self.generator, "module", self.generator), config.generator_config),
+            license="Apache-2.0", description=f"{config.model} trained by ct2x {__version__} for {steps} steps",
+            inputs={"films": list(recipe["films"]), "film_px": prepared["film_px"],
+                    "convention": "ct2x.data.x2ct_convention"},
+            outputs={"volume": "(N, 1, D, H, W), X2CT normalisation [0, 1] = HU -1024..1476",
+                     "voxels": prepared["ct_voxels"], "field_of_view_mm": prepared["cube_mm"],
+                     "voxel_mm": prepared["cube_mm"] / prepared["ct_voxels"],
+                     "convention": "ct2x.data.x2ct_convention"},
+            training_data={"folder": str(Path(config.data).resolve()), "cases": cases, "augmented": config.augment},
+        )
 
     def optimizer_states(self) -> Dict[str, dict]:
         states = {"generator_optimizer": self.generator_optimizer.state_dict()}

@@ -1,10 +1,11 @@
 """The one trainer of CT2X's networks: one process, or many with `torchrun` (DistributedDataParallel).
 
 A run folder holds `config.json` (every setting), `log.csv` (losses and learning rate per logged step), TensorBoard
-events when the `tensorboard` package is installed, `samples/step_NNNNNN.png` (mid slices: true above, predicted
-below), `checkpoint.pt` (written atomically every `checkpoint_every` steps and at the end) and, at the end,
-`model.safetensors` (the generator as a CT2X model file, `ct2x.models`). With `gan_weight` 0 no discriminator is built,
-trained or checkpointed.
+events when the `tensorboard` package is installed, `samples/step_NNNNNN.png` (the objective's sample picture: for
+X-ray -> CT mid slices, true above and predicted below), `checkpoint.pt` (written atomically every `checkpoint_every`
+steps and at the end) and, at the end, `model.safetensors` (the generator as a CT2X model file, `ct2x.models`, with
+the metadata the objective gives). The objective (RECIPES' "objective") builds the training set and decides whether
+a discriminator is trained: X2CT's with `gan_weight` 0 builds, trains and checkpoints none.
 
 Resuming continues exactly: the checkpoint holds the networks, optimisers, random-number state and the position in
 the seeded data order, so with a fixed seed the next step's losses equal those of a run that was never stopped.
@@ -13,7 +14,6 @@ the seeded data order, so with a fixed seed the next step's losses equal those o
 from __future__ import annotations
 
 import csv
-import json
 import os
 import sys
 import time
@@ -21,16 +21,12 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Dict, Iterator, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from ct2x import __version__
-from ct2x.data.recon_dataset import ReconAugmentation, ReconDataset
 from ct2x.errors import CT2XInputError
-from ct2x.models import ModelInfo, build_network, save_model
+from ct2x.models import build_network, save_model
 from ct2x.train.config import TrainConfig
-from ct2x.train.recon_gan import ReconGAN
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.csv"
@@ -45,10 +41,10 @@ class Trainer:
         self.rank, self.world = _distributed_rank_and_size(device)
         self.is_main = self.rank == 0
         torch.manual_seed(config.seed + self.rank)
-        recipe = config.recipe
+        recipe, objective = config.recipe, config.objective_class
         self.generator = build_network(recipe["generator"], config.generator_config).to(device)
         self.discriminator = (build_network(recipe["discriminator"], config.discriminator_config).to(device)
-                              if config.adversarial else None)  # gan_weight 0: none is built or trained
+                              if objective.uses_discriminator(config) else None)
         if self.world > 1:
             wrap = torch.nn.parallel.DistributedDataParallel
             ids = [device.index] if device.type == "cuda" else None
@@ -56,9 +52,8 @@ class Trainer:
             self.generator = wrap(self.generator, ids, find_unused_parameters=True)
             if self.discriminator is not None:
                 self.discriminator = wrap(self.discriminator, ids)
-        self.objective = ReconGAN(self.generator, self.discriminator, recipe["films"], config)
-        self.dataset = ReconDataset(config.data, "train", ReconAugmentation() if config.augment else None,
-                                    seed=config.seed)
+        self.objective = objective.for_run(self.generator, self.discriminator, config)
+        self.dataset = objective.training_set(config)
         self.step = 0  # generator updates done, one batch each
         if resume:
             self._load_checkpoint()
@@ -138,7 +133,7 @@ class Trainer:
         if not path.exists():
             raise CT2XInputError(f"{self.run_dir}: no {CHECKPOINT} to resume from; start without --resume")
         state = torch.load(path, map_location=self.device, weights_only=True)
-        if state["config"] != self.config.to_dict():
+        if TrainConfig.from_dict(state["config"]).to_dict() != self.config.to_dict():  # settings added since: defaults
             raise CT2XInputError(f"{path}: was written with other settings; resume with the run's own config.json")
         _unwrap(self.generator).load_state_dict(state["generator"])
         if self.discriminator is not None:
@@ -153,42 +148,13 @@ class Trainer:
         from ct2x.io import save_png
 
         with torch.no_grad():
-            predicted = self.objective.generate(batch, self.device)[0, 0].float().cpu().clamp(0, 1).numpy()
-        true = batch["ct"][0, 0].numpy()  # (D, H, W) in [0, 1]
-
-        def mid_slices(volume: np.ndarray) -> np.ndarray:  # coronal (D, W), sagittal (D, H), axial (H, W) side by side
-            d, h, w = (n // 2 for n in volume.shape)
-            return np.concatenate([volume[:, h, :], volume[:, :, w], volume[d, :, :]], axis=1)
-
-        sheet = np.concatenate([mid_slices(true), mid_slices(predicted)], axis=0)  # true above, predicted below
+            picture = self.objective.sample_picture(batch, self.device)
         (self.run_dir / "samples").mkdir(exist_ok=True)
-        save_png((sheet * 255).round().astype(np.uint8), self.run_dir / "samples" / f"step_{self.step:06d}.png")
+        save_png(picture, self.run_dir / "samples" / f"step_{self.step:06d}.png")
 
     def _save_model(self) -> None:
-        from ct2x.data.prepare_recon import SETTINGS_FILE
-
-        recipe, config = self.config.recipe, self.config
-        generator = _unwrap(self.generator)
-        prepared = json.loads((Path(config.data) / SETTINGS_FILE).read_text(encoding="utf-8"))["settings"]
-        info = ModelInfo(
-            kind=recipe["generator"], config=_network_config(generator, config.generator_config),
-            license="Apache-2.0", description=f"{config.model} trained by ct2x {__version__} for {self.step} steps",
-            inputs={"films": list(recipe["films"]), "film_px": prepared["film_px"],
-                    "convention": "ct2x.data.x2ct_convention"},
-            outputs={"volume": "(N, 1, D, H, W), X2CT normalisation [0, 1] = HU -1024..1476",
-                     "voxels": prepared["ct_voxels"], "field_of_view_mm": prepared["cube_mm"],
-                     "voxel_mm": prepared["cube_mm"] / prepared["ct_voxels"],
-                     "convention": "ct2x.data.x2ct_convention"},
-            training_data={"folder": str(Path(config.data).resolve()), "cases": len(self.dataset),
-                           "augmented": config.augment},
-        )
-        save_model(self.run_dir / MODEL, generator, info)
-
-
-def _network_config(network: torch.nn.Module, given: Dict) -> Dict:
-    """The network's full constructor configuration where it can tell it (`config.to_dict()`), else `given`."""
-    config = getattr(network, "config", None)
-    return config.to_dict() if hasattr(config, "to_dict") else dict(given)
+        info = self.objective.model_info(self.step, len(self.dataset))
+        save_model(self.run_dir / MODEL, _unwrap(self.generator), info)
 
 
 def _unwrap(network: torch.nn.Module) -> torch.nn.Module:

@@ -1,0 +1,132 @@
+"""The trainer on CT2X-GAN's tiny networks and a phantom synth folder: a step lowers the reconstruction loss, a run
+writes its files and a model `ct2x.synthesize.Synthesizer` renders with, resume is exact."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from ct2x import phantoms
+from ct2x.cli.main import main
+from ct2x.data.prepare_synth import SynthPreparation, prepare_synth
+from ct2x.data.synth_dataset import SynthDataset
+from ct2x.io import save_ct, save_png
+from ct2x.models import build_network
+from ct2x.nets.ct2x_gan import PRESETS
+from ct2x.nets.ct2x_gan_discriminator import PoseDiscriminatorConfig
+from ct2x.synthesize import Synthesizer
+from ct2x.train.config import CONFIG_FILE, TrainConfig
+from ct2x.train.synth_gan import SynthGAN
+from ct2x.train.trainer import Trainer
+
+TINY_GENERATOR = PRESETS["tiny32"].to_dict()
+TINY_DISCRIMINATOR = PoseDiscriminatorConfig.scaled(32, 1 / 16).to_dict()
+NO_LPIPS = {"lpips": 0.0}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """Two phantom CTs (16^3 cube of 8 mm voxels, films 32 px) and three films, all in the train split."""
+    folder = tmp_path_factory.mktemp("train_synth")
+    for name, size in (("a", 32), ("b", 28)):
+        save_ct(phantoms.chest(size=size, spacing_mm=10.0), folder / f"{name}.mha")
+    rows, columns = np.mgrid[0:64, 0:64] / 63.0
+    for number in range(3):
+        film = np.where(((columns - 0.5) / 0.4) ** 2 + ((rows - 0.5) / 0.48) ** 2 <= 1, 0.5 + 0.1 * number, 0.05)
+        film[:, 30:34] = 0.9
+        save_png(np.round(film * 255).astype(np.uint8), folder / f"film{number}.png")
+    out = folder / "prepared"
+    prepare_synth([folder / "a.mha", folder / "b.mha"], [folder / f"film{n}.png" for n in range(3)], out,
+                  SynthPreparation(voxel_mm=8.0, ct_voxels=16, film_px=32, mip_px=16, val_fraction=0,
+                                   test_fraction=0), progress=False)
+    return out
+
+
+def tiny_config(prepared, **changes) -> TrainConfig:
+    settings = dict(model="ct2x-gan", data=str(prepared), generator_config=TINY_GENERATOR,
+                    discriminator_config=TINY_DISCRIMINATOR, loss_config=NO_LPIPS, steps=3, decay_steps=0,
+                    batch_size=2, learning_rate=0.0025, betas=(0.0, 0.99), augment=False, log_every=1,
+                    sample_every=2, checkpoint_every=1)
+    return TrainConfig(**{**settings, **changes})
+
+
+def test_dataset_gives_each_case_at_each_stored_pose_with_a_seeded_film(prepared):
+    dataset = SynthDataset(prepared, "train", seed=3)
+    assert len(dataset) == 2 * 7
+    sample = dataset[8]  # the second case at its second pose
+    assert sample["case"] == "b" and sample["angle_deg"] == -60.0
+    assert sample["ct"].shape == (1, 16, 16, 16) and 0 <= sample["ct"].min() and sample["ct"].max() <= 1
+    assert sample["label"].shape == (25,) and sample["mip"].shape == (1, 16, 16)
+    for name in ("drr", "xray"):
+        assert sample[name].shape == (1, 32, 32) and -1 <= sample[name].min() and sample[name].max() <= 1
+    assert [dataset[i]["film"] for i in range(14)] == [SynthDataset(prepared, seed=3)[i]["film"] for i in range(14)]
+
+
+def test_a_step_lowers_the_reconstruction_loss_on_a_fixed_batch(prepared):
+    torch.manual_seed(0)
+    objective = SynthGAN(build_network("ct2x-gan", TINY_GENERATOR),
+                         build_network("ct2x-gan-discriminator", TINY_DISCRIMINATOR), tiny_config(prepared))
+    dataset = SynthDataset(prepared)
+    batch = torch.utils.data.default_collate([dataset[3], dataset[10]])
+    first = objective.step(batch, torch.device("cpu"))
+    assert {"g_total", "g_adversarial", "g_reconstruction", "g_zero", "d_total", "d_r1"} <= set(first)
+    with torch.no_grad():
+        after = objective.loss.generator_terms(objective.inputs(batch, torch.device("cpu")))["reconstruction"]
+    assert after.item() < first["g_reconstruction"]
+
+
+def test_run_files_model_and_exact_resume(prepared, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    config, whole, stopped = tiny_config(prepared), tmp_path / "whole", tmp_path / "stopped"
+    whole.mkdir()
+    stopped.mkdir()
+    Trainer(config, whole, torch.device("cpu")).run(progress=False)
+    assert {path.name for path in whole.iterdir()} >= {"log.csv", "checkpoint.pt", "model.safetensors", "samples"}
+    assert [path.name for path in (whole / "samples").iterdir()] == ["step_000002.png"]
+    rows = list(csv.DictReader((whole / "log.csv").open()))
+    assert [row["step"] for row in rows] == ["1", "2", "3"]
+
+    synthesizer = Synthesizer(whole / "model.safetensors", phantoms.chest(size=32, spacing_mm=10.0),
+                              style=prepared.parent / "film0.png")
+    film = synthesizer.render(30.0)
+    assert film.shape == (32, 32) and np.isfinite(film).all()
+
+    real_step, calls = SynthGAN.step, []
+
+    def stopped_at_the_third_step(self, batch, device):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C after the checkpoint of step 2
+        return real_step(self, batch, device)
+
+    monkeypatch.setattr(SynthGAN, "step", stopped_at_the_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(config, stopped, torch.device("cpu")).run(progress=False)
+    monkeypatch.setattr(SynthGAN, "step", real_step)
+    Trainer(config, stopped, torch.device("cpu"), resume=True).run(progress=False)
+    resumed = list(csv.DictReader((stopped / "log.csv").open()))
+    assert [row["step"] for row in resumed] == ["1", "2", "3"]
+    for key in set(rows[2]) - {"seconds"}:
+        assert resumed[2][key] == rows[2][key]  # the step after resuming equals the uninterrupted run's
+
+
+def test_train_synth_command_line(prepared, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "synth", "--data", str(prepared), "--out", str(out), "--preset", "scaled",
+                 "--width", "0.0625", "--steps", "2", "--batch-size", "2", "--no-lpips", "--quiet"]) == 0
+    config = TrainConfig.load(out / CONFIG_FILE)
+    assert config.model == "ct2x-gan" and config.learning_rate == 0.0025 and config.betas == (0.0, 0.99)
+    assert config.loss_config["lpips"] == 0 and config.generator_config["image_size"] == 32
+    assert (out / "model.safetensors").exists()
+
+
+def test_train_synth_refuses_other_models_and_folders(prepared, tmp_path, capsys):
+    common = ["--out", str(tmp_path / "run"), "--steps", "1", "--quiet"]
+    assert main(["train", "synth", "--model", "x2ct", "--data", str(prepared), *common]) == 2
+    assert "`train synth` trains ct2x-gan" in capsys.readouterr().err
+    assert main(["train", "recon", "--data", str(prepared), *common]) == 2
+    assert "not a folder of `ct2x prepare recon`" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
