@@ -103,6 +103,52 @@ def pending(items: Dict[str, Item], records: Dict[str, dict], folder: Path) -> T
     return todo, written
 
 
+def prepare_items(command: str, items: Dict[str, Item], prepare: Callable[[Item, Settings], Dict[str, np.ndarray]],
+                  describe: Callable[[Item], dict], details: Callable[[Dict[str, np.ndarray]], dict], out: Path,
+                  folder: str, sections: Tuple[str, str], manifest: dict, settings: Settings,
+                  assign_splits: Callable[[dict], None], workers: int = 1, progress: bool = True,
+                  unit: str = "CT") -> None:
+    """Prepare the `items` not done yet into `out/folder`, resuming: each is recorded in `manifest[sections[0]]` as
+    `describe(item)` (a record with its "source") and `details(result)` (which pops what is not an array to save), or
+    its failure in `manifest[sections[1]]`; splits are assigned and the manifest written after each. `command` names
+    the task in messages ("ct2x prepare recon")."""
+    import sys
+
+    from tqdm import tqdm
+
+    done, failed = (manifest[section] for section in sections)
+    todo, written = pending(items, done, out / folder)
+    for item_id in written:
+        done[item_id] = {**describe(items[item_id]), "resumed": True}
+    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"{command}: {folder}", unit=unit,
+               file=sys.stderr, disable=not progress or not items)
+    for item_id, item, result in run_parallel(prepare, todo, settings, workers):
+        record = describe(item)
+        if isinstance(result, str):
+            failed[item_id] = {"source": record["source"], "reason": result}
+            bar.write(f"{command}: skipped {record['source']}: {result}", file=sys.stderr)
+        else:
+            record.update(details(result))
+            write_npz(out / folder / f"{item_id}.npz", result)
+            failed.pop(item_id, None)
+            done[item_id] = record
+            for notice in record.get("notices", []):
+                bar.write(f"{command}: note: {notice}", file=sys.stderr)
+        assign_splits(manifest)
+        write_json(out / MANIFEST_FILE, manifest)
+        bar.update(1)
+    bar.close()
+    assign_splits(manifest)
+    write_json(out / MANIFEST_FILE, manifest)
+
+
+def case_details(result: Dict[str, np.ndarray]) -> dict:
+    """The manifest details of a prepared CT case (`prepare_items`' `details`): the stored-value offset it was read
+    with and the notices its reading raised (popped from the arrays to save)."""
+    return {"stored_offset_hu": float(result["stored_offset_hu"]),
+            "notices": [str(notice) for notice in result.pop("notices")]}
+
+
 def run_parallel(prepare: Callable[[Item, Settings], Dict[str, np.ndarray]], todo: Dict[str, Item],
                  settings: Settings, workers: int) -> Iterator[Tuple[str, Item, Union[Dict[str, np.ndarray], str]]]:
     """(id, item, `prepare(item, settings)` or the reason it failed) for each item of `todo`, in order; on `workers`

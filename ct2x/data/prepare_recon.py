@@ -13,7 +13,6 @@ The split into training and test cases is by patient and seeded.
 
 from __future__ import annotations
 
-import sys
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,20 +24,17 @@ from ct2x import __version__
 from ct2x.data.preparation import (
     CASES_FOLDER,
     HU_STORAGE_RANGE,
-    MANIFEST_FILE,
     PathLike,
     assign_splits,
+    case_details,
     check_fractions,
     check_patient_pattern,
     find_cts,
     open_folder,
     patient_of,
-    pending,
+    prepare_items,
     prepared_paths,
     read_npz,
-    run_parallel,
-    write_json,
-    write_npz,
 )
 from ct2x.data.preparation import SETTINGS_FILE as SETTINGS_FILE  # re-exported: ct2x.train reads it from here
 from ct2x.errors import CT2XInputError, CT2XWarning
@@ -86,37 +82,15 @@ def prepare_case(path: Path, settings: ReconPreparation) -> Dict[str, np.ndarray
 def prepare_recon(inputs: Sequence[PathLike], out: PathLike, settings: ReconPreparation = ReconPreparation(),
                   workers: int = 1, progress: bool = True) -> dict:
     """Prepare every CT of `inputs` into `out` (resuming a folder prepared with the same settings); the manifest."""
-    from tqdm import tqdm
-
     out = Path(out).expanduser()
     cases = find_cts(inputs)
     if not cases:
         raise CT2XInputError(f"no CT files found in {', '.join(map(str, inputs))}")
     manifest = open_folder(out, f"ct2x {__version__} prepare recon", asdict(settings), ("cases", "failed"),
                            (CASES_FOLDER,))
-    todo, written = pending(cases, manifest["cases"], out / CASES_FOLDER)
-    for case in written:
-        manifest["cases"][case] = {"source": str(cases[case]), "resumed": True}
-    bar = tqdm(total=len(cases), initial=len(cases) - len(todo), desc="ct2x prepare recon", unit="CT",
-               file=sys.stderr, disable=not progress)
-    for case, path, result in run_parallel(prepare_case, todo, settings, workers):
-        if isinstance(result, str):
-            manifest["failed"][case] = {"source": str(path), "reason": result}
-            bar.write(f"ct2x prepare recon: skipped {path}: {result}", file=sys.stderr)
-        else:
-            notices = [str(n) for n in result.pop("notices")]
-            write_npz(out / CASES_FOLDER / f"{case}.npz", result)
-            manifest["failed"].pop(case, None)
-            manifest["cases"][case] = {"source": str(path), "stored_offset_hu": float(result["stored_offset_hu"]),
-                                       "notices": notices}
-            for notice in notices:
-                bar.write(f"ct2x prepare recon: note: {notice}", file=sys.stderr)
-        _assign_splits(manifest, settings)
-        write_json(out / MANIFEST_FILE, manifest)
-        bar.update(1)
-    bar.close()
-    _assign_splits(manifest, settings)
-    write_json(out / MANIFEST_FILE, manifest)
+    prepare_items("ct2x prepare recon", cases, prepare_case, lambda path: {"source": str(path)}, case_details, out,
+                  CASES_FOLDER, ("cases", "failed"), manifest, settings, lambda m: _assign_splits(m, settings),
+                  workers, progress)
     return manifest
 
 

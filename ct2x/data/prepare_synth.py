@@ -41,11 +41,10 @@ from __future__ import annotations
 
 import csv
 import re
-import sys
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -54,21 +53,18 @@ from ct2x.data.films import ROLES, prepare_film
 from ct2x.data.preparation import (
     CASES_FOLDER,
     HU_STORAGE_RANGE,
-    MANIFEST_FILE,
     PathLike,
     assign_splits,
+    case_details,
     check_fractions,
     check_patient_pattern,
     find_cts,
     open_folder,
     patient_of,
-    pending,
+    prepare_items,
     prepared_paths,
     read_npz,
-    run_parallel,
     unique_ids,
-    write_json,
-    write_npz,
 )
 from ct2x.data.x2ct_convention import ct_cube
 from ct2x.drr import DRRRenderer, Physics
@@ -249,52 +245,17 @@ def prepare_synth(ct_inputs: Sequence[PathLike], xray_inputs: Sequence[PathLike]
     manifest = open_folder(out, f"ct2x {__version__} prepare synth", asdict(settings), SECTIONS,
                            (CASES_FOLDER, FILMS_FOLDER))
 
-    def case_details(result: Dict[str, np.ndarray]) -> dict:
-        return {"stored_offset_hu": float(result["stored_offset_hu"]),
-                "notices": [str(notice) for notice in result.pop("notices")]}
-
     def film_details(result: Dict[str, np.ndarray]) -> dict:
         return {"choices": [str(choice) for choice in result.pop("choices")]}
 
-    _prepare_all(cases, prepare_case, lambda path: {"source": str(path)}, case_details, out, CASES_FOLDER,
-                 ("cases", "failed"), manifest, settings, workers, progress)
-    _prepare_all(films, prepare_film_file, FilmSource.describe, film_details, out, FILMS_FOLDER,
-                 ("films", "failed_films"), manifest, settings, workers, progress)
-    return manifest
-
-
-def _prepare_all(items: dict, prepare: Callable, describe: Callable, details: Callable, out: Path, folder: str,
-                 sections: Tuple[str, str], manifest: dict, settings: SynthPreparation, workers: int,
-                 progress: bool) -> None:
-    """Prepare the `items` not done yet into `out/folder`. Each is recorded in `manifest[sections[0]]` as
-    `describe(item)` (a record with its "source") and `details(result)` (which pops what is not an array to save),
-    or its failure in `manifest[sections[1]]`; the manifest is written after each."""
-    from tqdm import tqdm
-
-    done, failed = (manifest[section] for section in sections)
-    todo, written = pending(items, done, out / folder)
-    for item_id in written:
-        done[item_id] = {**describe(items[item_id]), "resumed": True}
-    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=f"ct2x prepare synth: {folder}",
-               unit="CT" if folder == CASES_FOLDER else "film", file=sys.stderr, disable=not progress or not items)
-    for item_id, item, result in run_parallel(prepare, todo, settings, workers):
-        record = describe(item)
-        if isinstance(result, str):
-            failed[item_id] = {"source": record["source"], "reason": result}
-            bar.write(f"ct2x prepare synth: skipped {record['source']}: {result}", file=sys.stderr)
-        else:
-            record.update(details(result))
-            write_npz(out / folder / f"{item_id}.npz", result)
-            failed.pop(item_id, None)
-            done[item_id] = record
-            for notice in record.get("notices", []):
-                bar.write(f"ct2x prepare synth: note: {notice}", file=sys.stderr)
+    def splits(manifest: dict) -> None:
         _assign_splits(manifest, settings)
-        write_json(out / MANIFEST_FILE, manifest)
-        bar.update(1)
-    bar.close()
-    _assign_splits(manifest, settings)
-    write_json(out / MANIFEST_FILE, manifest)
+
+    prepare_items("ct2x prepare synth", cases, prepare_case, lambda path: {"source": str(path)}, case_details, out,
+                  CASES_FOLDER, ("cases", "failed"), manifest, settings, splits, workers, progress)
+    prepare_items("ct2x prepare synth", films, prepare_film_file, FilmSource.describe, film_details, out,
+                  FILMS_FOLDER, ("films", "failed_films"), manifest, settings, splits, workers, progress, unit="film")
+    return manifest
 
 
 def _assign_splits(manifest: dict, settings: SynthPreparation) -> None:
