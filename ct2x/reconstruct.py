@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ct2x.data.films import PreparedFilm, prepare_film
-from ct2x.data.x2ct_convention import CUBE_MM, FILM_PX, ct_cube, cube_affine, official_films
+from ct2x.data.x2ct_convention import CUBE_MM, FILM_PX, ct_cube, ct_films, cube_affine
 from ct2x.errors import CT2XInputError
 from ct2x.models import LoadedModel, ModelInfo
 from ct2x.preprocess import x2ct_denormalize, x2ct_normalize
@@ -165,8 +165,7 @@ def simulate_films(ct: CTVolume, info: ModelInfo) -> List[PreparedFilm]:
     the CT on the model's cube about its centre at 1 mm, projected by the convention's C-arm, normalised, resized to
     the model's film size."""
     edge_mm, _ = cube_mm(info)
-    fine_cube = ct_cube(ct, voxels=int(round(edge_mm)), cube_mm=edge_mm)  # 1 mm voxels, as `ct2x prepare recon`
-    pa, lateral = official_films(fine_cube, film_size(info))  # (P, P) float32 in [0, 1] each
+    pa, lateral = ct_films(ct, edge_mm, film_size(info))  # (P, P) float32 in [0, 1] each, as `ct2x prepare recon`
     made = f"simulated from {ct.source or 'a CT'} on the model's {edge_mm:g} mm cube (the convention's C-arm)"
     films = {"pa": PreparedFilm(pa, (made,)), "lateral": PreparedFilm(lateral, (made,))}
     return [films[view] for view in film_views(info)]

@@ -49,9 +49,7 @@ import torch.nn.functional as F
 
 from ct2x import __version__
 from ct2x.data.films import PreparedFilm, prepare_film
-from ct2x.data.preparation import HU_STORAGE_RANGE
-from ct2x.data.prepare_synth import SynthPreparation
-from ct2x.data.x2ct_convention import ct_cube
+from ct2x.data.prepare_synth import SynthPreparation, synth_cube
 from ct2x.errors import CT2XInputError
 from ct2x.geometry import View
 from ct2x.models import LoadedModel, ModelInfo
@@ -168,14 +166,6 @@ def load_synth_model(model: Union[PathLike, LoadedModel], device: str = "cpu") -
         preparation_of(model.info)
         return model
     return models.load(synth_model_file(model)[0], device=device)
-
-
-def synth_cube(ct: CTVolume, settings: SynthPreparation) -> CTVolume:
-    """The CT as `prepare_case` stores it: on the preparation's cube about its centre (linear, -1024 HU outside the
-    scan), whole HU clipped to the int16 storage range; (K, J, I) = (D, H, W) float32 HU."""
-    cube = ct_cube(ct, voxels=settings.ct_voxels, cube_mm=settings.cube_mm)
-    stored = np.clip(np.round(cube.hu), *HU_STORAGE_RANGE).astype(np.int16)
-    return CTVolume(stored.astype(np.float32), cube.affine, source=ct.source)
 
 
 def style_fingerprint(network: torch.nn.Module) -> str:

@@ -31,6 +31,11 @@ CASES_FOLDER = "cases"
 HU_STORAGE_RANGE = (-1024, 3071)  # int16 storage of a case's CT; X2CT's normalisation uses -1024 ... 1476 HU
 
 
+def stored_hu(hu: np.ndarray) -> np.ndarray:
+    """HU as a case file stores them: whole HU clipped to HU_STORAGE_RANGE, int16 (same shape)."""
+    return np.clip(np.round(hu), *HU_STORAGE_RANGE).astype(np.int16)
+
+
 def find_cts(inputs: Sequence[PathLike]) -> Dict[str, Path]:
     """Case id -> CT path for files and folders given: image files directly or found recursively in folders, and
     each folder that directly holds DICOM files (one series: one case). Ids are the names without suffix, made unique.

@@ -23,7 +23,6 @@ import numpy as np
 from ct2x import __version__
 from ct2x.data.preparation import (
     CASES_FOLDER,
-    HU_STORAGE_RANGE,
     PathLike,
     assign_splits,
     case_details,
@@ -35,6 +34,7 @@ from ct2x.data.preparation import (
     prepare_items,
     prepared_paths,
     read_npz,
+    stored_hu,
 )
 from ct2x.data.preparation import SETTINGS_FILE as SETTINGS_FILE  # re-exported: ct2x.train reads it from here
 from ct2x.errors import CT2XInputError, CT2XWarning
@@ -63,17 +63,16 @@ def prepare_case(path: Path, settings: ReconPreparation) -> Dict[str, np.ndarray
     """One CT -> the arrays of its case file, plus the notices its reading raised (`notices`, a str array)."""
     import torch
 
-    from ct2x.data.x2ct_convention import ct_cube, official_films
+    from ct2x.data.x2ct_convention import ct_cube, ct_films
     from ct2x.io import load_ct
 
     torch.set_num_threads(1)  # cases run in parallel processes
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CT2XWarning)
         volume = load_ct(path, stored_values=settings.stored_values)
-    fine_cube = ct_cube(volume, voxels=int(round(settings.cube_mm)), cube_mm=settings.cube_mm)  # 1 mm for films
-    pa, lateral = official_films(fine_cube, settings.film_px)
+    pa, lateral = ct_films(volume, settings.cube_mm, settings.film_px)
     cube = ct_cube(volume, voxels=settings.ct_voxels, cube_mm=settings.cube_mm)
-    ct_hu = np.clip(np.round(cube.hu), *HU_STORAGE_RANGE).astype(np.int16)  # (D, H, W)
+    ct_hu = stored_hu(cube.hu)  # (D, H, W)
     return {"ct_hu": ct_hu, "pa": pa, "lateral": lateral, "affine": cube.affine,
             "stored_offset_hu": np.float64(volume.stored_offset_hu),
             "notices": np.array([str(w.message) for w in caught if issubclass(w.category, CT2XWarning)], dtype=str)}

@@ -52,7 +52,6 @@ from ct2x import __version__
 from ct2x.data.films import ROLES, prepare_film
 from ct2x.data.preparation import (
     CASES_FOLDER,
-    HU_STORAGE_RANGE,
     PathLike,
     assign_splits,
     case_details,
@@ -64,6 +63,7 @@ from ct2x.data.preparation import (
     prepare_items,
     prepared_paths,
     read_npz,
+    stored_hu,
     unique_ids,
 )
 from ct2x.data.x2ct_convention import ct_cube
@@ -149,22 +149,28 @@ class FilmSource:
                 "licence": self.licence}
 
 
+def synth_cube(ct: CTVolume, settings: SynthPreparation) -> CTVolume:
+    """The CT as its case file stores it: on the preparation's cube about its centre (linear, -1024 HU outside the
+    scan), whole HU clipped to the int16 storage range; (K, J, I) = (D, H, W) float32 HU. CT2XInputError when the
+    cube holds nothing denser than fat."""
+    cube = ct_cube(ct, voxels=settings.ct_voxels, cube_mm=settings.cube_mm)
+    return CTVolume(stored_hu(cube.hu).astype(np.float32), cube.affine, source=ct.source)
+
+
 def prepare_case(path: Path, settings: SynthPreparation) -> Dict[str, np.ndarray]:
     """One CT -> the arrays of its case file, plus the notices its reading raised (`notices`, a str array)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CT2XWarning)
         volume = load_ct(path, stored_values=settings.stored_values)
-    # (D, H, W) HU, -1024 outside the scan; refused (CT2XInputError) when the cube holds nothing denser than fat
-    cube = ct_cube(volume, voxels=settings.ct_voxels, cube_mm=settings.cube_mm)
-    ct_hu = np.clip(np.round(cube.hu), *HU_STORAGE_RANGE).astype(np.int16)  # (D, H, W) HU
-    stored = CTVolume(ct_hu.astype(np.float32), cube.affine, source=str(path))  # what the case file holds
+    stored = synth_cube(volume, settings)  # what the case file holds; refused when the cube holds no body
+    ct_hu = stored.hu.astype(np.int16)  # (D, H, W) HU
     renderer = DRRRenderer(stored, settings.carm(settings.film_px), Physics(spectrum=settings.spectrum))
     views = [renderer.view(angle) for angle in settings.angles_deg]  # about the cube's centre
     attenuation = np.stack([renderer.render_view(view).attenuation for view in views])  # (P, F, F) -ln(I / I_open)
     drr_max = attenuation.max(axis=(1, 2))  # (P,)
     mip_carm = settings.carm(settings.mip_px)
     mips = pose_mips(stored, [mip_carm.view(angle, 0.0, stored.center_ras) for angle in settings.angles_deg])
-    return {"ct_hu": ct_hu, "affine": cube.affine, "angles_deg": np.array(settings.angles_deg, dtype=np.float32),
+    return {"ct_hu": ct_hu, "affine": stored.affine, "angles_deg": np.array(settings.angles_deg, dtype=np.float32),
             "labels": camera_labels(views).numpy(),
             "drr": (attenuation / np.maximum(drr_max, 1e-6)[:, None, None]).astype(np.float32),
             "drr_max": drr_max.astype(np.float32), "mips": mips[:, 0].numpy(),  # (P, M, M) in [0, 1]

@@ -72,6 +72,13 @@ def official_films(cube: CTVolume, film_px: int = FILM_PX, carm: CArm = OFFICIAL
     return tuple(normalise_film(image, film_px) for image in line_integrals)
 
 
+def ct_films(volume: CTVolume, cube_mm: float = CUBE_MM, film_px: int = FILM_PX) -> Tuple[np.ndarray, np.ndarray]:
+    """(PA, lateral) films of a CT as `ct2x prepare recon` stores them: the CT on the cube about its centre at 1 mm
+    voxels, then `official_films`; (film_px, film_px) float32 in [0, 1] each."""
+    fine_cube = ct_cube(volume, voxels=int(round(cube_mm)), cube_mm=cube_mm)  # 1 mm voxels
+    return official_films(fine_cube, film_px)
+
+
 def physics_films(cube: CTVolume, physics: Physics, film_px: int = FILM_PX, carm: CArm = OFFICIAL_CARM,
                   angles_deg: Tuple[float, float] = (PA_DEG, LATERAL_DEG)) -> Tuple[np.ndarray, np.ndarray]:
     """(PA, lateral) films with polychromatic physics and noise (`ct2x.drr`), normalised like the official ones."""
