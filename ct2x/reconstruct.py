@@ -63,9 +63,9 @@ def load_recon_model(model: Union[PathLike, LoadedModel], device: str = "cpu") -
 def recon_model_file(model: PathLike) -> Tuple[Path, ModelInfo]:
     """(the file, its ModelInfo) of a films -> CT model file or registry name, read from the header only (fast);
     CT2XInputError for a missing file or a network of another kind."""
-    from ct2x.models import read_info
+    from ct2x.models import model_path, read_info
 
-    path = _model_path(model)
+    path = model_path(model)
     info = read_info(path)
     check_kind(info)
     return path, info
@@ -266,15 +266,3 @@ def _prepared(film: FilmInput, view: str, size: int) -> PreparedFilm:
         raise CT2XInputError(f"the prepared {view} film is {film.image.shape} {film.image.dtype}; the model reads "
                              f"({size}, {size}) float32 films")
     return film
-
-
-def _model_path(model: PathLike) -> Path:
-    """`model` as a file path; a name that is no file but a registry entry gives its cached file."""
-    from ct2x.models import cached_path, load_registry
-
-    path = Path(model).expanduser()
-    if path.exists():
-        return path
-    if path.suffix != ".safetensors" and str(model) in load_registry():
-        return cached_path(str(model))
-    raise CT2XInputError(f"{path}: no such model file (`ct2x models list` names the models ct2x knows)")

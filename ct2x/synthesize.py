@@ -150,10 +150,9 @@ def preparation_of(info: ModelInfo) -> SynthPreparation:
 def synth_model_file(model: PathLike) -> Tuple[Path, ModelInfo, SynthPreparation]:
     """(the file, its ModelInfo, its SynthPreparation) of a CT2X-GAN model file or registry name, from the header
     only (fast); CT2XInputError for a missing file, another kind, or a preparation this engine cannot follow."""
-    from ct2x.models import read_info
-    from ct2x.reconstruct import _model_path
+    from ct2x.models import model_path, read_info
 
-    path = _model_path(model)
+    path = model_path(model)
     info = read_info(path)
     return path, info, preparation_of(info)
 

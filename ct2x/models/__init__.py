@@ -16,6 +16,7 @@ from ct2x.models.cache import (
     cache_state,
     cached_path,
     download,
+    model_path,
 )
 from ct2x.models.model_file import (
     FORMAT_VERSION,
@@ -33,6 +34,6 @@ from ct2x.models.registry import ManualDownload, RegistryEntry, find_model, load
 __all__ = [
     "ARCHITECTURES", "CACHE_ENV", "FORMAT_VERSION", "DownloadError", "LoadedModel", "ManualDownload", "ModelHeader",
     "ModelInfo", "NewerFormatError", "RegistryEntry", "build_network", "cache_path", "cache_root", "cache_state",
-    "cached_path", "download", "find_model", "known_kinds", "load", "load_registry", "read_header", "read_info",
-    "register_architecture", "save_model",
+    "cached_path", "download", "find_model", "known_kinds", "load", "load_registry", "model_path", "read_header",
+    "read_info", "register_architecture", "save_model",
 ]

@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Union
 
 from ct2x.errors import CT2XInputError, CT2XWarning
 from ct2x.models.model_file import atomic_file, read_info
-from ct2x.models.registry import RegistryEntry, find_model
+from ct2x.models.registry import RegistryEntry, find_model, load_registry
 from ct2x.text import size_text
 
 CACHE_ENV = "CT2X_CACHE_DIR"
@@ -87,6 +87,17 @@ def cached_path(model: Model) -> Path:
     with contextlib.suppress(OSError):  # so that the file can be put where the message says
         path.parent.mkdir(parents=True, exist_ok=True)
     raise CT2XInputError(_how_to_get(entry, path))
+
+
+def model_path(model: Union[str, os.PathLike]) -> Path:
+    """`model` as a model file: the file itself when it exists, else the cached file of the registry entry of that
+    name (its download or import instructions when absent); CT2XInputError for neither."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    if path.suffix != ".safetensors" and str(model) in load_registry():
+        return cached_path(str(model))
+    raise CT2XInputError(f"{path}: no such model file (`ct2x models list` names the models ct2x knows)")
 
 
 def download(model: Model, progress: Union[bool, Callable[[float], None]] = True) -> Path:
