@@ -273,8 +273,7 @@ class CArm:
         """The view at C-arm angles (degrees) about an isocentre (RAS mm); see the module docstring."""
         if not (np.isfinite(primary_deg) and np.isfinite(secondary_deg)):
             raise CT2XInputError(f"view angles must be finite, got {primary_deg}, {secondary_deg}")
-        if abs(secondary_deg) >= 90:
-            raise CT2XInputError(f"secondary angle {secondary_deg} deg: must lie strictly between -90 and 90")
+        check_secondary_angle(secondary_deg)
         alpha, beta = math.radians(primary_deg), math.radians(secondary_deg)
         # At 0 deg the beam runs anterior -> posterior; the primary angle turns it about +z so that the detector
         # moves towards the patient's left (-x); the secondary angle tilts the detector towards the head (+z).
@@ -291,6 +290,12 @@ class CArm:
         return View(pose, self.source_to_detector_mm, self.detector, self.beam,
                     mirrored=abs(wrapped) > 90.0 + 1e-9, primary_deg=float(primary_deg),
                     secondary_deg=float(secondary_deg), isocenter_ras=tuple(float(x) for x in isocenter))
+
+
+def check_secondary_angle(secondary_deg: float) -> None:
+    """CT2XInputError unless the secondary (cranial/caudal) angle lies strictly between -90 and 90 degrees."""
+    if not abs(secondary_deg) < 90:
+        raise CT2XInputError(f"secondary angle {secondary_deg} deg: must lie strictly between -90 and 90")
 
 
 def parse_angles(text: str) -> List[float]:

@@ -185,14 +185,13 @@ def _settings(args: argparse.Namespace):
     """(angles, C-arm, physics, torch device) from the options, each checked before any work is done."""
     from ct2x.device import torch_device
     from ct2x.drr import Physics, check_window
-    from ct2x.geometry import CArm, parse_angles
+    from ct2x.geometry import CArm, check_secondary_angle, parse_angles
     from ct2x.memory import VIEW_BYTES_PER_PIXEL, check_fits, drr_peak_bytes
 
     with option("--angles"):
         angles = parse_angles(args.angles)  # primary angles, deg
     with option("--secondary"):
-        if not abs(args.secondary) < 90:
-            raise CT2XInputError(f"{args.secondary} deg: the secondary angle must lie strictly between -90 and 90")
+        check_secondary_angle(args.secondary)
     with option("--window"):
         if args.window is not None:
             check_window(args.window)

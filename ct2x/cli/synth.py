@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ct2x.device import torch_device
-    from ct2x.geometry import parse_angles
+    from ct2x.geometry import check_secondary_angle, parse_angles
     from ct2x.io import save_image, save_png
     from ct2x.synthesize import (
         Synthesizer,
@@ -91,8 +91,7 @@ def run(args: argparse.Namespace) -> int:
     with option("--angles"):
         angles = parse_angles(args.angles)  # primary angles, deg
     with option("--secondary"):
-        if not abs(args.secondary) < 90:
-            raise CT2XInputError(f"{args.secondary} deg: the secondary angle must lie strictly between -90 and 90")
+        check_secondary_angle(args.secondary)
     with option("--device"):
         device = str(torch_device(args.device))
     with option("--model"):
