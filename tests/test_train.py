@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+from typing import Iterator
 
 import pytest
 import torch
@@ -35,6 +37,23 @@ def prepared(tmp_path_factory):
                   progress=False)
     return out
 
+
+@contextlib.contextmanager
+def ctrl_c_at_the_third_step(monkeypatch, objective: type) -> Iterator[None]:
+    """Runs the block with `objective.step` raising KeyboardInterrupt (Ctrl-C) at its third call, after the
+    checkpoint of step 2; expects the block to stop there, then restores the step."""
+    real_step, calls = objective.step, []
+
+    def stopped_at_the_third_step(self, batch, device):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(self, batch, device)
+
+    monkeypatch.setattr(objective, "step", stopped_at_the_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        yield
+    monkeypatch.setattr(objective, "step", real_step)
 
 def tiny_config(prepared, **changes) -> TrainConfig:
     settings = dict(data=str(prepared), generator_config=TINY_GENERATOR, discriminator_config=TINY_DISCRIMINATOR,
@@ -103,18 +122,8 @@ def test_run_files_and_exact_resume(prepared, tmp_path, monkeypatch, gan_weight)
 
     interrupted = tmp_path / "interrupted"
     interrupted.mkdir()
-    real_step, calls = ReconGAN.step, []
-
-    def stopped_at_the_third_step(self, batch, device):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # Ctrl-C after the checkpoint of step 2
-        return real_step(self, batch, device)
-
-    monkeypatch.setattr(ReconGAN, "step", stopped_at_the_third_step)
-    with pytest.raises(KeyboardInterrupt):
+    with ctrl_c_at_the_third_step(monkeypatch, ReconGAN):
         Trainer(tiny_config(prepared, gan_weight=gan_weight), interrupted, torch.device("cpu")).run(progress=False)
-    monkeypatch.setattr(ReconGAN, "step", real_step)
     Trainer(tiny_config(prepared, gan_weight=gan_weight), interrupted, torch.device("cpu"),
             resume=True).run(progress=False)
     resumed = list(csv.DictReader((interrupted / "log.csv").open()))

@@ -8,6 +8,7 @@ import csv
 import numpy as np
 import pytest
 import torch
+from test_train import ctrl_c_at_the_third_step
 
 from ct2x import phantoms
 from ct2x.cli.main import main
@@ -94,18 +95,8 @@ def test_run_files_model_and_exact_resume(prepared, tmp_path, monkeypatch):
     film = synthesizer.render(30.0)
     assert film.shape == (32, 32) and np.isfinite(film).all()
 
-    real_step, calls = SynthGAN.step, []
-
-    def stopped_at_the_third_step(self, batch, device):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # Ctrl-C after the checkpoint of step 2
-        return real_step(self, batch, device)
-
-    monkeypatch.setattr(SynthGAN, "step", stopped_at_the_third_step)
-    with pytest.raises(KeyboardInterrupt):
+    with ctrl_c_at_the_third_step(monkeypatch, SynthGAN):
         Trainer(config, stopped, torch.device("cpu")).run(progress=False)
-    monkeypatch.setattr(SynthGAN, "step", real_step)
     Trainer(config, stopped, torch.device("cpu"), resume=True).run(progress=False)
     resumed = list(csv.DictReader((stopped / "log.csv").open()))
     assert [row["step"] for row in resumed] == ["1", "2", "3"]
