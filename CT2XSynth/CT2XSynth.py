@@ -323,17 +323,15 @@ class CT2XSynthWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 class CT2XSynthLogic(ScriptedLoadableModuleLogic):
     """Renders X-rays of CT volume nodes; usable without the GUI (Python console, batch scripts).
 
-    Keeps one ct2x DRRRenderer for the last (CT node, settings) pair, so a new angle costs one projection and the
-    per-CT preparation (crop, materials, projector set-up) runs only when the CT or a setting changes; likewise one
-    ct2x Synthesizer (CT2X-GAN: the CT and the style encoded once) for the last (CT node, model, style) triple.
+    Keeps one engine for the last CT node and settings: a ct2x DRRRenderer, so a new angle costs one projection and
+    the per-CT preparation (crop, materials, projector set-up) runs only when the CT or a setting changes, or a ct2x
+    Synthesizer (CT2X-GAN: the CT and the style encoded once).
     """
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self._renderer = None
-        self._rendererKey = None
-        self._synthesizer = None
-        self._synthesizerKey = None
+        self._engine = None  # the DRRRenderer or Synthesizer of ...
+        self._engineKey = None  # ... this CT node and these settings
         self.lastStatus = ""
         self.lastSeriesFolderName = ""
         self.inputNotices: List[str] = []  # what ct2x changed or doubts about the last prepared CT (e.g. HU + 1024)
@@ -342,11 +340,9 @@ class CT2XSynthLogic(ScriptedLoadableModuleLogic):
         return CT2XSynthParameterNode(super().getParameterNode())
 
     def clearCache(self) -> None:
-        """Free the cached renderer and synthesizer (their CT tensors), e.g. between CTs of a batch."""
-        self._renderer = None
-        self._rendererKey = None
-        self._synthesizer = None
-        self._synthesizerKey = None
+        """Free the cached engine (its CT tensors), e.g. between CTs of a batch."""
+        self._engine = None
+        self._engineKey = None
         self.inputNotices = []
 
     @staticmethod
@@ -379,33 +375,21 @@ class CT2XSynthLogic(ScriptedLoadableModuleLogic):
         A pixel spacing of 0 fits the body in view (as `ct2x drr` does by default).
         """
         dependencies.add_core_to_path()
-        from CT2XSynthLib import mrml_geometry
 
         from ct2x.drr import DRRRenderer, Physics, fitted_detector_spacing_mm
-        from ct2x.errors import CT2XWarning
         from ct2x.geometry import CArm
 
-        imageData = inputVolumeNode.GetImageData()
-        key = (inputVolumeNode.GetID(), imageData.GetMTime() if imageData else None,
-               tuple(mrml_geometry.ijk_to_world(inputVolumeNode).ravel()), spectrum, int(noisePhotons),
-               float(sourceToDetectorMm), float(sourceToIsocenterMm), int(detectorSizePx), float(pixelSpacingMm),
-               device)
-        if key != self._rendererKey:
-            self.clearCache()  # free the previous CT before preparing the next one
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", CT2XWarning)
-                volume = mrml_geometry.ct_volume_from_node(inputVolumeNode)
-                carm = CArm(float(sourceToDetectorMm), float(sourceToIsocenterMm))
-                spacing = float(pixelSpacingMm) if pixelSpacingMm > 0 else fitted_detector_spacing_mm(
-                    volume, carm, int(detectorSizePx))  # mm
-                carm = carm.with_detector(int(detectorSizePx), spacing)
-                physics = Physics(spectrum=spectrum, noise_photons=float(noisePhotons) if noisePhotons > 0 else None)
-                self._renderer = DRRRenderer(volume, carm, physics, device=device)
-            self.inputNotices = [str(warning.message) for warning in caught if warning.category is CT2XWarning]
-            for notice in self.inputNotices:
-                logging.warning(f"CT2XSynth: {notice}")
-            self._rendererKey = key
-        return self._renderer
+        def prepare(volume):
+            carm = CArm(float(sourceToDetectorMm), float(sourceToIsocenterMm))
+            spacing = float(pixelSpacingMm) if pixelSpacingMm > 0 else fitted_detector_spacing_mm(
+                volume, carm, int(detectorSizePx))  # mm
+            carm = carm.with_detector(int(detectorSizePx), spacing)
+            physics = Physics(spectrum=spectrum, noise_photons=float(noisePhotons) if noisePhotons > 0 else None)
+            return DRRRenderer(volume, carm, physics, device=device)
+
+        settings = (PHYSICS_ENGINE, spectrum, int(noisePhotons), float(sourceToDetectorMm), float(sourceToIsocenterMm),
+                    int(detectorSizePx), float(pixelSpacingMm), device)
+        return self._cachedEngine(inputVolumeNode, settings, prepare)
 
     def synthesizer(self, inputVolumeNode, ganModel: str, style=None, device: str = "cpu"):
         """The ct2x Synthesizer (CT2X-GAN) of this CT node, model and style (a file, or a loaded 2-D picture node),
@@ -413,28 +397,40 @@ class CT2XSynthLogic(ScriptedLoadableModuleLogic):
         dependencies.add_core_to_path()
         from CT2XSynthLib import mrml_geometry
 
-        from ct2x.errors import CT2XInputError, CT2XWarning
+        from ct2x.errors import CT2XInputError
         from ct2x.synthesize import Synthesizer
 
         if not ganModel:
             raise CT2XInputError("CT2X-GAN: choose a model file (kind ct2x-gan)")
-        imageData = inputVolumeNode.GetImageData()
         styleKey = (style.GetID(), style.GetImageData().GetMTime() if style.GetImageData() else None) \
             if hasattr(style, "GetID") else style
+
+        def prepare(volume):
+            styleSource = mrml_geometry.film_array(style) if hasattr(style, "GetID") else (style or None)
+            return Synthesizer(ganModel, volume, styleSource, device=device)
+
+        return self._cachedEngine(inputVolumeNode, (GAN_ENGINE, ganModel, styleKey, device), prepare)
+
+    def _cachedEngine(self, inputVolumeNode, settings: tuple, prepare):
+        """The engine `prepare(CTVolume)` makes for this CT node, kept while the node (its image and placement) and
+        `settings` stay the same; the notices ct2x raised while reading the CT go to `inputNotices` and the log."""
+        from CT2XSynthLib import mrml_geometry
+
+        from ct2x.errors import CT2XWarning
+
+        imageData = inputVolumeNode.GetImageData()
         key = (inputVolumeNode.GetID(), imageData.GetMTime() if imageData else None,
-               tuple(mrml_geometry.ijk_to_world(inputVolumeNode).ravel()), ganModel, styleKey, device)
-        if key != self._synthesizerKey:
-            self.clearCache()  # free the previous CT before encoding the next one
+               tuple(mrml_geometry.ijk_to_world(inputVolumeNode).ravel()), *settings)
+        if key != self._engineKey:
+            self.clearCache()  # free the previous CT before preparing the next one
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", CT2XWarning)
-                volume = mrml_geometry.ct_volume_from_node(inputVolumeNode)
-                styleSource = mrml_geometry.film_array(style) if hasattr(style, "GetID") else (style or None)
-                self._synthesizer = Synthesizer(ganModel, volume, styleSource, device=device)
+                self._engine = prepare(mrml_geometry.ct_volume_from_node(inputVolumeNode))
             self.inputNotices = [str(warning.message) for warning in caught if warning.category is CT2XWarning]
             for notice in self.inputNotices:
                 logging.warning(f"CT2XSynth: {notice}")
-            self._synthesizerKey = key
-        return self._synthesizer
+            self._engineKey = key
+        return self._engine
 
     def synthesize(self, inputVolumeNode, primaryDeg: float, secondaryDeg: float, ganModel: str, style=None,
                    device: str = "cpu"):
@@ -488,7 +484,7 @@ class CT2XSynthLogic(ScriptedLoadableModuleLogic):
         from CT2XSynthLib import mrml_geometry
 
         start = time.perf_counter()
-        previous = self._synthesizer if engine == GAN_ENGINE else self._renderer
+        previous = self._engine
         if engine == GAN_ENGINE:
             prepared = self.synthesizer(inputVolumeNode, ganModel, style, device) is not previous
             renderStart = time.perf_counter()

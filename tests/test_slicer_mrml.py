@@ -318,10 +318,10 @@ def test_the_ct2x_gan_engine_renders_on_the_models_detector_plane(slicer, module
     settings = dict(engine="CT2X-GAN", ganModel=tiny_gan["model"], style=tiny_gan["style"])
 
     logic.process(ct, film, 30.0, **settings)
-    first = logic._synthesizer
+    first = logic.synthesizer(ct, tiny_gan["model"], tiny_gan["style"])
     logic.process(ct, film, -60.0, 10.0, **settings)
 
-    assert logic._synthesizer is first  # the CT and the style are encoded once for every angle
+    assert logic.synthesizer(ct, tiny_gan["model"], tiny_gan["style"]) is first  # the CT and the style encoded once
     expected = Synthesizer(tiny_gan["model"], ct_phantom, tiny_gan["style"])
     pixels = slicer.util.arrayFromVolume(film)[0]  # (rows, columns) of the film node
     np.testing.assert_allclose(pixels, expected.render(-60.0, 10.0), atol=1e-6)
