@@ -509,3 +509,14 @@ def slicer_application() -> Iterator[types.ModuleType]:
         for name in [n for n in sys.modules if _isolated(n)]:
             del sys.modules[name]
         sys.modules.update(setAside)
+
+
+def run_python_script(slicer, monkeypatch, script: Path, *arguments) -> int:
+    """Run `script` as `Slicer --python-script SCRIPT ARGUMENTS` does (as __main__, with its own sys.argv); the
+    application's exit status."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [str(script), *map(str, arguments)])
+    slicer.app.exitCode = None
+    runpy.run_path(str(script), run_name="__main__")
+    return slicer.app.exitCode

@@ -7,9 +7,7 @@ slicer-core lacks (Qt-side pieces) is stood in by tests/slicer_stand_ins.py. Ski
 
 from __future__ import annotations
 
-import runpy
 import shutil
-import sys
 import types
 
 import numpy as np
@@ -24,7 +22,7 @@ except ImportError as error:
     pytest.skip(f"slicer-core cannot be imported ({error}); pip install slicer-core (CPython 3.10-3.13)",
                 allow_module_level=True)
 
-from slicer_stand_ins import MODULE_DIR  # noqa: E402
+from slicer_stand_ins import MODULE_DIR, run_python_script  # noqa: E402
 
 from ct2x.errors import CT2XInputError  # noqa: E402
 from ct2x.io import save_ct  # noqa: E402
@@ -407,10 +405,7 @@ def test_the_modules_self_test_passes(slicer, module):
 
 def run_batch(slicer, monkeypatch, *arguments: str) -> int:
     """Run batch_synth.py as `Slicer --python-script` does; returns the application's exit status."""
-    monkeypatch.setattr(sys, "argv", [str(BATCH_SCRIPT), *arguments])
-    slicer.app.exitCode = None
-    runpy.run_path(str(BATCH_SCRIPT), run_name="__main__")
-    return slicer.app.exitCode
+    return run_python_script(slicer, monkeypatch, BATCH_SCRIPT, *arguments)
 
 
 def test_batch_films_load_in_slicer_one_by_one_at_their_angles(slicer, module, ct_phantom, tmp_path, monkeypatch):

@@ -10,9 +10,7 @@ slicer-core is missing.
 from __future__ import annotations
 
 import csv
-import runpy
 import shutil
-import sys
 import threading
 import time
 import types
@@ -29,7 +27,7 @@ except ImportError as error:
                 allow_module_level=True)
 
 import test_reconstruct as engine_tests  # noqa: E402  (registers the oracle's architecture)
-from slicer_stand_ins import RECONSTRUCT_MODULE_DIR  # noqa: E402
+from slicer_stand_ins import RECONSTRUCT_MODULE_DIR, run_python_script  # noqa: E402
 from test_reconstruct import ORACLE, PX, BackprojectionOracle  # noqa: E402
 
 from ct2x.data.films import prepare_film  # noqa: E402
@@ -438,10 +436,7 @@ def test_the_modules_self_test_passes(slicer, module):
 
 def run_batch(slicer, monkeypatch, *arguments: str) -> int:
     """Run batch_reconstruct.py as `Slicer --python-script` does; returns the application's exit status."""
-    monkeypatch.setattr(sys, "argv", [str(BATCH_SCRIPT), *map(str, arguments)])
-    slicer.app.exitCode = None
-    runpy.run_path(str(BATCH_SCRIPT), run_name="__main__")
-    return slicer.app.exitCode
+    return run_python_script(slicer, monkeypatch, BATCH_SCRIPT, *arguments)
 
 
 def test_batch_pairs_csv_reconstructs_each_pair_and_reports_a_bad_one(slicer, module, models, real_films, tmp_path,
