@@ -27,6 +27,7 @@ from ct2x.data.films import PreparedFilm, prepare_film
 from ct2x.data.x2ct_convention import CUBE_MM, FILM_PX, ct_cube, ct_films, cube_affine
 from ct2x.errors import CT2XInputError
 from ct2x.models import LoadedModel, ModelInfo
+from ct2x.precision import check_precision
 from ct2x.preprocess import x2ct_denormalize, x2ct_normalize
 from ct2x.volume import CTVolume
 
@@ -35,7 +36,6 @@ FilmInput = Union[PathLike, np.ndarray, PreparedFilm]
 VIEWS_BY_KIND = {"x2ct-biplanar": ("pa", "lateral"), "x2ct-single": ("pa",)}  # for files naming no films
 RECONSTRUCTION_KINDS = ("x2ct-biplanar", "x2ct-single", "cvaa-biplanar")  # the films -> CT kinds ct2x builds
 CUBE_CENTER_RAS = np.zeros(3)  # the reconstructed cube's centre, RAS mm: films carry no position
-PRECISIONS = ("fp32", "bf16")  # bf16: autocast bfloat16 for the 3-D part; output within 1 % of fp32 (bench/RESULTS.md)
 Progress = Callable[[float], None]  # fraction of the network's work done, 0 ... 1; raising in it stops the run
 
 
@@ -135,8 +135,7 @@ def reconstruct(model: Union[PathLike, LoadedModel], pa: FilmInput, lateral: Opt
     """
     from ct2x.device import torch_device
 
-    if precision not in PRECISIONS:
-        raise CT2XInputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check_precision(precision)
     target = torch_device(device)
     network, info = load_recon_model(model, str(target))
     views = check_views(info, lateral is not None)

@@ -53,13 +53,13 @@ from ct2x.data.prepare_synth import SynthPreparation, synth_cube
 from ct2x.errors import CT2XInputError
 from ct2x.geometry import View
 from ct2x.models import LoadedModel, ModelInfo
+from ct2x.precision import check_precision
 from ct2x.preprocess import x2ct_normalize
 from ct2x.projector import SliceWarpProjector
 from ct2x.volume import CTVolume
 
 PathLike = Union[str, os.PathLike]
 KIND = "ct2x-gan"  # CT2X-GAN's generator side (ct2x.models.architectures)
-PRECISIONS = ("fp32", "bf16")  # bf16: G in bfloat16 (the PAM and the encoders stay float32)
 STYLE_CODE_KEY = "style_code"  # the tensor of a style-code file
 STYLE_METADATA_KEY = "ct2x_style_code"  # its header metadata entry
 STYLE_CODE_FORMAT = 1
@@ -234,8 +234,7 @@ class Synthesizer:
                  progress: Optional[Progress] = None) -> None:
         from ct2x.device import torch_device
 
-        if precision not in PRECISIONS:
-            raise CT2XInputError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        check_precision(precision)
         self.device = torch_device(device)
         network, self.info = load_synth_model(model, str(self.device))
         self.network = network.to(self.device).eval()

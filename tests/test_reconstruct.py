@@ -24,7 +24,8 @@ from ct2x.models import ModelInfo, build_network, read_info, register_architectu
 from ct2x.nets.patch_discriminator import PatchDiscriminatorConfig
 from ct2x.nets.x2ct import PRESETS, X2CTGenerator, X2CTSingleViewGenerator
 from ct2x.phantoms import chest
-from ct2x.reconstruct import PRECISIONS, compare_to_reference, network_input_picture, reconstruct, simulate_films
+from ct2x.precision import PRECISIONS
+from ct2x.reconstruct import compare_to_reference, network_input_picture, reconstruct, simulate_films
 from ct2x.volume import CTVolume
 
 PX = 64  # film pixels = voxels per cube edge of the test models

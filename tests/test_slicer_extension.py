@@ -405,7 +405,8 @@ def test_values_the_reconstruct_module_restates_match_the_core():
     """CT2XReconstruct restates the preprocessing choices, precisions and model kinds (importing them imports
     torch)."""
     from ct2x.data.films import CROP_CHOICES, FACING_CHOICES, INVERT_CHOICES
-    from ct2x.reconstruct import PRECISIONS, RECONSTRUCTION_KINDS
+    from ct2x.precision import PRECISIONS
+    from ct2x.reconstruct import RECONSTRUCTION_KINDS
 
     names = ("INVERT_CHOICES", "CROP_CHOICES", "FACING_CHOICES", "PRECISIONS", "RECON_KINDS")
     module_py = ROOT / "CT2XReconstruct" / "CT2XReconstruct.py"

@@ -16,11 +16,11 @@ from typing import List, Tuple
 
 from ct2x.cli.options import option
 from ct2x.errors import CT2XInputError
+from ct2x.precision import PRECISIONS
 
 CT_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
 PICTURE_SUFFIX = "_network_input.png"
 PROG = "ct2x reconstruct"
-PRECISIONS = ("fp32", "bf16")  # ct2x.reconstruct.PRECISIONS, restated: `ct2x --help` must not import torch
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

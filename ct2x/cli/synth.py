@@ -25,9 +25,9 @@ from ct2x.cli.drr import DEFAULT_ANGLES, _contact_sheet, _read_volume
 from ct2x.cli.options import option
 from ct2x.errors import CT2XInputError, CT2XWarning
 from ct2x.output_folder import OutputFolder
+from ct2x.precision import PRECISIONS
 
 PROG = "ct2x synth"
-PRECISIONS = ("fp32", "bf16")  # ct2x.synthesize.PRECISIONS, restated: `ct2x --help` must not import torch
 STYLE_CODE_FILE = "style_code.safetensors"
 
 
