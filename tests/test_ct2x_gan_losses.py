@@ -158,6 +158,18 @@ def test_discriminator_objective_scores_drrs_as_real_with_r1_and_trains_only_d()
     assert all(parameter.grad is None for parameter in generator.parameters())
 
 
+def test_lazy_r1_weighs_the_penalty_by_its_interval_and_skips_it_between() -> None:
+    generator, discriminator = networks()
+    every, lazy = CT2XGANLossConfig(r1=0.25), CT2XGANLossConfig(r1=0.25, r1_interval=4)
+    films = batch()
+    plain = CT2XGANLoss(generator, discriminator, TestLPIPS(), every).discriminator_terms(films)
+    penalised = CT2XGANLoss(generator, discriminator, TestLPIPS(), lazy).discriminator_terms(films)
+    torch.testing.assert_close(penalised["total"], plain["adversarial"] + 4 * 0.25 * plain["r1"])
+    skipped = CT2XGANLoss(generator, discriminator, TestLPIPS(), lazy).discriminator_terms(films, with_r1=False)
+    assert set(skipped) == {"adversarial", "total"}
+    torch.testing.assert_close(skipped["total"], plain["adversarial"])
+
+
 def test_one_adam_step_lowers_the_reconstruction_loss_on_a_fixed_batch() -> None:
     generator, discriminator = networks()
     loss, data = CT2XGANLoss(generator, discriminator, TestLPIPS()), batch()
@@ -187,5 +199,7 @@ def test_loss_config_round_trips_and_refuses_bad_weights() -> None:
     assert CT2XGANLossConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     with pytest.raises(ValueError, match="finite weight >= 0"):
         CT2XGANLossConfig(r1=-1.0)
+    with pytest.raises(ValueError, match="r1_interval"):
+        CT2XGANLossConfig(r1_interval=0)
     with pytest.raises(ValueError, match="true or false"):
         CT2XGANLossConfig(non_saturating=1)

@@ -137,11 +137,12 @@ def test_prepare_command_line_on_two_workers(inputs, tmp_path, capsys):
     tiny = ["--voxel-mm", "8", "--voxels", "16", "--film-px", "32", "--mip-px", "16", "--angles", "-90,0,90",
             "--quiet"]
     assert main(["prepare", "synth", "--ct", str(cts / "p1_a.mha"), str(cts / "p4_broken.nii.gz"), "--xray",
-                 str(films), "--out", str(out), "--workers", "2", *tiny]) == 0
+                 str(films), "--out", str(out), "--workers", "2", "--sensor-mm", "600", *tiny]) == 0
     said = capsys.readouterr()
     assert "1 cases (1 train, 0 val, 0 test) and 5 films" in said.out and "1 CTs and 1 films skipped" in said.out
     assert "skipped" in said.err and "p4_broken" in said.err
     assert load_case(out / "cases" / "p1_a.npz")["drr"].shape == (3, 32, 32)
+    assert json.loads((out / "preparation.json").read_text())["settings"]["sensor_mm"] == 600
     assert main(["prepare", "synth", "--ct", str(cts / "p4_broken.nii.gz"), "--out", str(tmp_path / "bad"),
                  *tiny]) == 2
     assert main(["prepare", "synth", "--ct", str(cts), "--out", str(tmp_path / "x"), "--angles", "90:-90:30"]) == 2

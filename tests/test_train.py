@@ -44,11 +44,11 @@ def ctrl_c_at_the_third_step(monkeypatch, objective: type) -> Iterator[None]:
     checkpoint of step 2; expects the block to stop there, then restores the step."""
     real_step, calls = objective.step, []
 
-    def stopped_at_the_third_step(self, batch, device):
+    def stopped_at_the_third_step(self, batch, device, done):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real_step(self, batch, device)
+        return real_step(self, batch, device, done)
 
     monkeypatch.setattr(objective, "step", stopped_at_the_third_step)
     with pytest.raises(KeyboardInterrupt):

@@ -12,8 +12,9 @@ from test_train import ctrl_c_at_the_third_step
 
 from ct2x import phantoms
 from ct2x.cli.main import main
-from ct2x.data.prepare_synth import SynthPreparation, prepare_synth
-from ct2x.data.synth_dataset import SynthDataset
+from ct2x.data.ct_motion import CTMotion
+from ct2x.data.prepare_synth import SynthPreparation, load_case, prepare_synth
+from ct2x.data.synth_dataset import SynthAugmentation, SynthDataset
 from ct2x.io import save_ct, save_png
 from ct2x.models import build_network
 from ct2x.nets.ct2x_gan import PRESETS
@@ -22,6 +23,7 @@ from ct2x.synthesize import Synthesizer
 from ct2x.train.config import CONFIG_FILE, TrainConfig
 from ct2x.train.synth_gan import SynthGAN
 from ct2x.train.trainer import Trainer
+from ct2x.volume import CTVolume
 
 TINY_GENERATOR = PRESETS["tiny32"].to_dict()
 TINY_DISCRIMINATOR = PoseDiscriminatorConfig.scaled(32, 1 / 16).to_dict()
@@ -66,6 +68,26 @@ def test_dataset_gives_each_case_at_each_stored_pose_with_a_seeded_film(prepared
     assert [dataset[i]["film"] for i in range(14)] == [SynthDataset(prepared, seed=3)[i]["film"] for i in range(14)]
 
 
+def test_augmentation_renders_a_moved_ct_at_a_drawn_pose_reproducibly(prepared):
+    still = SynthAugmentation(probability=1.0, motion=CTMotion(0.0, 0.0, 0.0), random_pose=False)
+    stored, rendered = SynthDataset(prepared, seed=3)[8], SynthDataset(prepared, seed=3, augmentation=still)[8]
+    for name in ("ct", "label", "mip", "drr"):  # rendering the stored pose of the unmoved CT gives the stored sample
+        torch.testing.assert_close(rendered[name], stored[name], atol=1e-5, rtol=0)
+
+    dataset = SynthDataset(prepared, seed=3, augmentation=SynthAugmentation(probability=1.0))
+    sample, again = dataset[8], dataset[8]
+    assert -90 <= sample["angle_deg"] <= 90 and sample["angle_deg"] not in (-90, -60, -30, 0, 30, 60, 90)
+    assert not torch.equal(sample["ct"], stored["ct"]) and not torch.equal(sample["drr"], stored["drr"])
+    for name in ("ct", "label", "mip", "drr", "xray"):
+        assert torch.equal(sample[name], again[name])
+    case = load_case(dataset.paths[1])
+    view = SynthDataset(prepared).settings.carm(32).view(sample["angle_deg"], 0.0, CTVolume(
+        case["ct_hu"].astype(np.float32), case["affine"]).center_ras)
+    torch.testing.assert_close(sample["label"], torch.from_numpy(view.camera_label()))  # the drawn pose's label
+    dataset.epoch = 1
+    assert dataset[8]["angle_deg"] != sample["angle_deg"]
+
+
 def test_a_step_lowers_the_reconstruction_loss_on_a_fixed_batch(prepared):
     torch.manual_seed(0)
     objective = SynthGAN(build_network("ct2x-gan", TINY_GENERATOR),
@@ -81,7 +103,7 @@ def test_a_step_lowers_the_reconstruction_loss_on_a_fixed_batch(prepared):
 
 def test_run_files_model_and_exact_resume(prepared, tmp_path, monkeypatch):
     torch.manual_seed(0)
-    config, whole, stopped = tiny_config(prepared), tmp_path / "whole", tmp_path / "stopped"
+    config, whole, stopped = tiny_config(prepared, augment=True), tmp_path / "whole", tmp_path / "stopped"
     whole.mkdir()
     stopped.mkdir()
     Trainer(config, whole, torch.device("cpu")).run(progress=False)
@@ -110,8 +132,16 @@ def test_train_synth_command_line(prepared, tmp_path, capsys):
                  "--width", "0.0625", "--steps", "2", "--batch-size", "2", "--no-lpips", "--quiet"]) == 0
     config = TrainConfig.load(out / CONFIG_FILE)
     assert config.model == "ct2x-gan" and config.learning_rate == 0.0025 and config.betas == (0.0, 0.99)
-    assert config.loss_config["lpips"] == 0 and config.generator_config["image_size"] == 32
+    assert config.loss_config["lpips"] == 0 and config.generator_config["image_size"] == 32 and config.augment
     assert (out / "model.safetensors").exists()
+
+    ablation = tmp_path / "ablation"
+    assert main(["train", "synth", "--data", str(prepared), "--out", str(ablation), "--preset", "scaled",
+                 "--width", "0.0625", "--steps", "1", "--batch-size", "2", "--no-lpips", "--no-pose-attention",
+                 "--no-style-encoder", "--no-consistency", "--no-augment", "--quiet"]) == 0
+    config = TrainConfig.load(ablation / CONFIG_FILE)
+    assert not (config.generator_config["pose_attention"] or config.generator_config["style_encoder"])
+    assert config.loss_config["consistency"] is False and not config.augment
 
 
 def test_train_synth_refuses_other_models_and_folders(prepared, tmp_path, capsys):
@@ -120,4 +150,6 @@ def test_train_synth_refuses_other_models_and_folders(prepared, tmp_path, capsys
     assert "`train synth` trains ct2x-gan" in capsys.readouterr().err
     assert main(["train", "recon", "--data", str(prepared), *common]) == 2
     assert "not a folder of `ct2x prepare recon`" in capsys.readouterr().err
+    assert main(["train", "recon", "--data", str(prepared), "--no-pose-attention", *common]) == 2
+    assert "--no-pose-attention is for `train synth`" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()

@@ -12,6 +12,7 @@ from collections import Counter
 
 from ct2x.cli.options import option
 from ct2x.errors import CT2XInputError
+from ct2x.geometry import MOBILE_CARM_SENSOR_MM, SOURCE_TO_DETECTOR_MM, SOURCE_TO_ISOCENTER_MM
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -60,6 +61,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     synth.add_argument("--film-px", type=int, default=256,
                        help="DRR and real film pixels per side (default %(default)s)")
     synth.add_argument("--mip-px", type=int, default=128, help="pose MIP pixels per side (default %(default)s)")
+    synth.add_argument("--sensor-mm", type=float, default=MOBILE_CARM_SENSOR_MM, metavar="MM",
+                       help="detector edge, mm (default %(default).0f, the paper's mobile C-arm, which sees a "
+                            f"{MOBILE_CARM_SENSOR_MM * SOURCE_TO_ISOCENTER_MM / SOURCE_TO_DETECTOR_MM:.0f} mm field "
+                            "at the isocentre; a whole chest film's field of about 350 mm needs about 680)")
     synth.add_argument("--spectrum", choices=("60kV", "90kV", "120kV"), default="60kV",
                        help="tube spectrum (default %(default)s: 60 kVp, 3.5 mm Al, the paper's)")
     synth.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
@@ -110,8 +115,9 @@ def _run_synth(args: argparse.Namespace) -> int:
         angles = tuple(parse_angles(args.angles))
     settings = SynthPreparation(voxel_mm=args.voxel_mm, ct_voxels=args.voxels, angles_deg=angles,
                                 film_px=args.film_px, mip_px=args.mip_px, spectrum=args.spectrum,
-                                stored_values=args.stored_values, val_fraction=args.val_fraction,
-                                test_fraction=args.test_fraction, seed=args.seed, patient_pattern=args.patient_pattern)
+                                sensor_mm=args.sensor_mm, stored_values=args.stored_values,
+                                val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
+                                patient_pattern=args.patient_pattern)
     manifest = prepare_synth(args.ct, args.xray, args.out, settings, workers=args.workers, progress=not args.quiet)
     counts = []
     for section, noun in (("cases", "cases"), ("films", "films")):

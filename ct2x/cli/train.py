@@ -8,6 +8,7 @@ many (DistributedDataParallel, on one machine or several); `train synth` on one 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -58,8 +59,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="--model cvaa only: ablation without view attention alignment (the views are added)")
     parser.add_argument("--no-fine-distillation", action="store_true",
                         help="--model cvaa only: ablation without fine distillation")
+    parser.add_argument("--r1-every", type=int, metavar="N",
+                        help="synth only: the R1 penalty every N-th discriminator step, weighted by N (default 1, "
+                             "every step, as the paper's eq. 19; StyleGAN2's lazy R1 is 16)")
+    parser.add_argument("--no-style-encoder", action="store_true",
+                        help="synth only: ablation without E_sty (the style layers take one learned code)")
+    parser.add_argument("--no-pose-attention", action="store_true",
+                        help="synth only: ablation without the pose attention module (no MIP; the pose enters "
+                             "through its label)")
+    parser.add_argument("--no-consistency", action="store_true",
+                        help="synth only: ablation without the content and style consistency losses")
     parser.add_argument("--no-augment", action="store_true",
-                        help="recon: train on the stored films only (synth has no augmentation yet: always)")
+                        help="train on the stored films only (no CT motion; synth: no poses between the stored ones)")
     parser.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes (default %(default)s)")
     parser.add_argument("--checkpoint-every", type=int, default=200, metavar="N", help="(default %(default)s)")
@@ -92,8 +103,10 @@ def run(args: argparse.Namespace) -> int:
     if model != "cvaa" and not all(switches.values()):
         raise CT2XInputError(f"--no-view-attention and --no-fine-distillation switch parts of CVAA-GAN off; --model "
                              f"{model} has neither (use --model cvaa)")
-    if args.no_lpips and args.task != "synth":
-        raise CT2XInputError("--no-lpips is for `train synth`: X-ray -> CT training has no LPIPS")
+    synth_only = [name for name in ("no_lpips", "r1_every", "no_style_encoder", "no_pose_attention",
+                                    "no_consistency") if getattr(args, name)]
+    if synth_only and args.task != "synth":
+        raise CT2XInputError(f"--{synth_only[0].replace('_', '-')} is for `train synth` (CT2X-GAN)")
     if args.resume:
         config = TrainConfig.load(run_dir / CONFIG_FILE)
     else:
@@ -165,12 +178,20 @@ def _synth_settings(args: argparse.Namespace) -> dict:
             discriminator = PoseDiscriminatorConfig.scaled(film_px, args.width)
     except ValueError as error:
         raise CT2XInputError(f"--data {args.data}: its sizes do not fit CT2X-GAN's networks ({error})") from None
+    generator = dataclasses.replace(generator, style_encoder=not args.no_style_encoder,
+                                    pose_attention=not args.no_pose_attention)
     if generator.mip_size != mip_px:
         raise CT2XInputError(f"--data {args.data}: {mip_px} px MIPs, but the scaled networks take {ct_voxels} px "
                              "(as wide as the CT cube); prepare with --mip-px equal to --voxels, or use --preset full")
     loss = {"lpips": 0.0} if args.no_lpips else {}
+    if args.no_consistency:
+        loss["consistency"] = False
+    if args.r1_every is not None:
+        if args.r1_every < 1:
+            raise CT2XInputError(f"--r1-every {args.r1_every}: must be at least 1")
+        loss["r1_interval"] = args.r1_every
     if args.gan_weight is not None:
         loss["adversarial"] = args.gan_weight
     return {"generator_config": generator.to_dict(), "discriminator_config": discriminator.to_dict(),
             "loss_config": loss, "decay_steps": 0 if args.decay_steps is None else args.decay_steps,
-            "augment": False}
+            "augment": not args.no_augment}

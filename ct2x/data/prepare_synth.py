@@ -163,19 +163,25 @@ def prepare_case(path: Path, settings: SynthPreparation) -> Dict[str, np.ndarray
         warnings.simplefilter("always", CT2XWarning)
         volume = load_ct(path, stored_values=settings.stored_values)
     stored = synth_cube(volume, settings)  # what the case file holds; refused when the cube holds no body
-    ct_hu = stored.hu.astype(np.int16)  # (D, H, W) HU
-    renderer = DRRRenderer(stored, settings.carm(settings.film_px), Physics(spectrum=settings.spectrum))
-    views = [renderer.view(angle) for angle in settings.angles_deg]  # about the cube's centre
+    return {"ct_hu": stored.hu.astype(np.int16), "affine": stored.affine,  # (D, H, W) HU
+            "angles_deg": np.array(settings.angles_deg, dtype=np.float32),
+            **render_poses(stored, settings, settings.angles_deg),
+            "stored_offset_hu": np.float64(volume.stored_offset_hu),
+            "notices": np.array([str(w.message) for w in caught if issubclass(w.category, CT2XWarning)], dtype=str)}
+
+
+def render_poses(cube: CTVolume, settings: SynthPreparation, angles_deg: Sequence[float]) -> Dict[str, np.ndarray]:
+    """The case file's `labels`, `drr`, `drr_max` and `mips` of `cube` at these primary C-arm angles (degrees,
+    secondary 0) about the cube's centre: what preparation stores and what a trainer renders at new poses."""
+    renderer = DRRRenderer(cube, settings.carm(settings.film_px), Physics(spectrum=settings.spectrum))
+    views = [renderer.view(angle) for angle in angles_deg]
     attenuation = np.stack([renderer.render_view(view).attenuation for view in views])  # (P, F, F) -ln(I / I_open)
     drr_max = attenuation.max(axis=(1, 2))  # (P,)
     mip_carm = settings.carm(settings.mip_px)
-    mips = pose_mips(stored, [mip_carm.view(angle, 0.0, stored.center_ras) for angle in settings.angles_deg])
-    return {"ct_hu": ct_hu, "affine": stored.affine, "angles_deg": np.array(settings.angles_deg, dtype=np.float32),
-            "labels": camera_labels(views).numpy(),
+    mips = pose_mips(cube, [mip_carm.view(angle, 0.0, cube.center_ras) for angle in angles_deg])
+    return {"labels": camera_labels(views).numpy(),
             "drr": (attenuation / np.maximum(drr_max, 1e-6)[:, None, None]).astype(np.float32),
-            "drr_max": drr_max.astype(np.float32), "mips": mips[:, 0].numpy(),  # (P, M, M) in [0, 1]
-            "stored_offset_hu": np.float64(volume.stored_offset_hu),
-            "notices": np.array([str(w.message) for w in caught if issubclass(w.category, CT2XWarning)], dtype=str)}
+            "drr_max": drr_max.astype(np.float32), "mips": mips[:, 0].numpy()}  # (P, M, M) in [0, 1]
 
 
 def prepare_film_file(source: FilmSource, settings: SynthPreparation) -> Dict[str, np.ndarray]:

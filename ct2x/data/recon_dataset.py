@@ -11,15 +11,14 @@ differ as real ones do, always paired with the CT they show.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from ct2x.data.ct_motion import CTMotion
 from ct2x.data.prepare_recon import case_paths, load_case
 from ct2x.data.x2ct_convention import LATERAL_DEG, PA_DEG, official_films, physics_films
 from ct2x.drr import Physics
@@ -28,17 +27,14 @@ from ct2x.preprocess import x2ct_normalize
 from ct2x.volume import CTVolume
 
 OFFICIAL_ATTENUATION = "linear"  # the official films' HU -> mu, beside the tube spectra of ct2x.physics
-AIR_HU = -1024.0
 
 
 @dataclass(frozen=True)
 class ReconAugmentation:
-    """Random changes to a case; angles in degrees, lengths in mm. Each sample draws its own from the dataset's seed."""
+    """Random changes to a case; angles in degrees. Each sample draws its own from the dataset's seed."""
 
     probability: float = 0.8  # share of samples augmented; the rest use the stored films
-    ct_rotation_deg: float = 5.0  # turn about the superior-inferior axis, uniform in +-
-    ct_shift_mm: float = 8.0  # shift along each axis, uniform in +-
-    contrast: float = 0.05  # soft-tissue contrast scale 1 +- this (HU above -1000 scaled about -1000)
+    motion: CTMotion = CTMotion()  # the CT turned about its superior-inferior axis, shifted, re-contrasted
     pose_jitter_deg: float = 2.0  # each film's C-arm angle, uniform in +-
     attenuations: Tuple[str, ...] = (OFFICIAL_ATTENUATION, "60kV", "90kV", "120kV")  # drawn uniformly
     noise_photons: Tuple[float, float] = (3e3, 1e5)  # log-uniform photons per pixel; polychromatic films only
@@ -46,7 +42,7 @@ class ReconAugmentation:
     def __post_init__(self) -> None:
         if not 0 <= self.probability <= 1:
             raise CT2XInputError(f"augmentation probability {self.probability}: must lie in [0, 1]")
-        if min(self.ct_rotation_deg, self.ct_shift_mm, self.contrast, self.pose_jitter_deg) < 0:
+        if self.pose_jitter_deg < 0:
             raise CT2XInputError("augmentation ranges must not be negative")
 
 
@@ -78,13 +74,8 @@ class ReconDataset(torch.utils.data.Dataset):
 def augment_case(ct_hu: np.ndarray, affine: np.ndarray, film_px: int, augmentation: ReconAugmentation,
                  rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(CT (D, H, W) HU, PA, lateral) of one random draw: the CT moved and re-contrasted, films rendered from it."""
-    spacing_mm = float(np.linalg.norm(affine[:3, 0]))
-    angle = math.radians(rng.uniform(-1, 1) * augmentation.ct_rotation_deg)
-    shift_voxels = rng.uniform(-1, 1, size=3) * augmentation.ct_shift_mm / spacing_mm  # (W, H, D) voxels
-    moved = _turn_and_shift(torch.from_numpy(ct_hu), angle, shift_voxels)  # (D, H, W) HU
-    contrast = 1.0 + rng.uniform(-1, 1) * augmentation.contrast
-    moved = torch.where(moved > -1000.0, -1000.0 + (moved + 1000.0) * contrast, moved)
-    cube = CTVolume(moved.numpy(), affine, source="augmented case")
+    moved = augmentation.motion.apply(ct_hu, float(np.linalg.norm(affine[:3, 0])), rng)  # (D, H, W) HU
+    cube = CTVolume(moved, affine, source="augmented case")
     angles = (PA_DEG + rng.uniform(-1, 1) * augmentation.pose_jitter_deg,
               LATERAL_DEG + rng.uniform(-1, 1) * augmentation.pose_jitter_deg)
     attenuation = augmentation.attenuations[rng.integers(len(augmentation.attenuations))]
@@ -97,14 +88,3 @@ def augment_case(ct_hu: np.ndarray, affine: np.ndarray, film_px: int, augmentati
         pa, lateral = physics_films(cube, physics, film_px, angles_deg=angles)
     return cube.hu, pa, lateral
 
-
-def _turn_and_shift(ct_hu: torch.Tensor, angle_rad: float, shift_voxels: Sequence[float]) -> torch.Tensor:
-    """(D, H, W) HU turned by `angle_rad` about the D axis and shifted by (W, H, D) voxels; outside is air."""
-    depth, height, width = ct_hu.shape
-    cos, sin = math.cos(angle_rad), math.sin(angle_rad)
-    theta = torch.tensor([[cos, -sin, 0.0, 2 * shift_voxels[0] / width],
-                          [sin, cos, 0.0, 2 * shift_voxels[1] / height],
-                          [0.0, 0.0, 1.0, 2 * shift_voxels[2] / depth]], dtype=torch.float32)  # (x=W, y=H, z=D)
-    grid = F.affine_grid(theta[None], [1, 1, depth, height, width], align_corners=False)
-    shifted = ct_hu - AIR_HU  # sample with zeros outside = air
-    return F.grid_sample(shifted[None, None], grid, align_corners=False)[0, 0] + AIR_HU

@@ -32,6 +32,9 @@ class CT2XGANLossConfig(JSONConfig):
 
     adversarial: float = 1.0  # lambda_adv, eqs. 18-19: MUNIT's GAN weight (1)
     r1: float = 0.5  # lambda_R1, eq. 17: StyleGAN2-ADA's gamma = 1 at 256^2, whose penalty is gamma / 2 |grad|^2
+    # R1 every r1_interval-th discriminator step, weighted by r1_interval (StyleGAN2's lazy regularisation, 16 there);
+    # 1 = every step, as eq. 19 is written
+    r1_interval: int = 1
     mae: float = 10.0  # lambda_mae, eq. 8: MUNIT's image reconstruction weight (10, an L1 loss too)
     lpips: float = 1.0  # lambda_lpips, eq. 8: ours
     content_consistency: float = 1.0  # lambda_cc, eq. 9: MUNIT's content reconstruction weight (1)
@@ -49,6 +52,9 @@ class CT2XGANLossConfig(JSONConfig):
             if field.name in ("consistency", "non_saturating"):
                 if not isinstance(value, bool):
                     raise ValueError(f"{owner}.{field.name} must be true or false, got {value!r}")
+            elif field.name == "r1_interval":
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError(f"{owner}.r1_interval must be a whole number >= 1, got {value!r}")
             elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
                 raise ValueError(f"{owner}.{field.name} must be a finite weight >= 0, got {value!r}")
 
@@ -155,18 +161,19 @@ class CT2XGANLoss:
         terms["total"] = total
         return terms
 
-    def discriminator_terms(self, batch: CT2XGANBatch) -> Dict[str, Tensor]:
-        """Eq. 19's terms: "adversarial" (eq. 17 without R1), "r1" (unweighted) and "total" =
-        lambda_adv (adversarial + lambda_R1 r1). The synthesis is made without gradients."""
+    def discriminator_terms(self, batch: CT2XGANBatch, with_r1: bool = True) -> Dict[str, Tensor]:
+        """Eq. 19's terms: "adversarial" (eq. 17 without R1), "r1" (unweighted; only `with_r1`) and "total" =
+        lambda_adv (adversarial + r1_interval lambda_R1 r1). The synthesis is made without gradients."""
         config = self.config
         with torch.no_grad():
             fake = self.synthesize(batch)["xray_synthesis"]
-        real = batch.drr.detach().requires_grad_(True)
+        real = batch.drr.detach().requires_grad_(with_r1)
         real_scores = self.discriminator(real, batch.label)  # (N,)
-        terms = {
-            "adversarial": discriminator_adversarial(real_scores, self.discriminator(fake, batch.label),
-                                                     config.non_saturating),
-            "r1": r1_penalty(real_scores, real),
-        }
-        terms["total"] = config.adversarial * (terms["adversarial"] + config.r1 * terms["r1"])
+        terms = {"adversarial": discriminator_adversarial(real_scores, self.discriminator(fake, batch.label),
+                                                          config.non_saturating)}
+        total = terms["adversarial"]
+        if with_r1:
+            terms["r1"] = r1_penalty(real_scores, real)
+            total = total + config.r1_interval * config.r1 * terms["r1"]
+        terms["total"] = config.adversarial * total
         return terms

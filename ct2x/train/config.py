@@ -56,8 +56,8 @@ class TrainConfig:
     gan_weight: float = 0.1
     voxel_weight: float = 10.0  # ... voxel MSE ...
     projection_weight: float = 10.0  # ... projection L1
-    augment: bool = True  # re-render films on the fly (ct2x.data.recon_dataset.ReconAugmentation defaults; none
-    # exists for ct2x-gan yet, which refuses it)
+    augment: bool = True  # re-render films on the fly (the defaults of ct2x.data.recon_dataset.ReconAugmentation or,
+    # for ct2x-gan, ct2x.data.synth_dataset.SynthAugmentation)
     seed: int = 0
     workers: int = 0  # data-loading processes per training process
     mixed_precision: bool = True  # bfloat16 autocast on CUDA (ignored on CPU)

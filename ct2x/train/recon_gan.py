@@ -66,9 +66,9 @@ class ReconGAN:
         """(N, 1, D, H, W) volumes from the batch's films."""
         return self.generator(*(batch[name].to(device) for name in self.films))
 
-    def step(self, batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, float]:
-        """One generator and one discriminator update; the loss terms as floats (without a discriminator: the
-        generator's update alone, and no g_gan or d_total)."""
+    def step(self, batch: Dict[str, torch.Tensor], device: torch.device, done: int = 0) -> Dict[str, float]:
+        """One generator and one discriminator update (every step alike, whatever the `done` steps before); the loss
+        terms as floats (without a discriminator: the generator's update alone, and no g_gan or d_total)."""
         pa, lateral, true = (batch[name].to(device) for name in ("pa", "lateral", "ct"))  # (N,1,P,P) x2, (N,1,D,H,W)
         self.generator.train()
         fake = self.generate(batch, device)

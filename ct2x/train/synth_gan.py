@@ -1,6 +1,7 @@
 """CT2X-GAN's objective for CT -> X-ray networks (paper eqs. 8-12 and 16-19, `ct2x.nets.ct2x_gan_losses`): per batch
 a generator-side step (E_CT, PAM, E_sty and G together) with the discriminator frozen, then a discriminator step with
-the R1 penalty on the DRRs at every step (StyleGAN2's lazy R1, every 16th step, is not used).
+the R1 penalty on the DRRs every `loss_config["r1_interval"]`-th step (1, every step, by default; StyleGAN2's lazy
+R1 is 16).
 
 Adam at the paper's learning rate 0.0025 (the command line's default; here `config.learning_rate`) with
 `config.betas`, StyleGAN2's (0, 0.99) by the command line's default: the paper names Adam and the rate but no betas,
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from ct2x import __version__
-from ct2x.data.synth_dataset import SynthDataset
+from ct2x.data.synth_dataset import SynthAugmentation, SynthDataset
 from ct2x.errors import CT2XInputError
 from ct2x.models import ModelInfo
 from ct2x.nets.ct2x_gan_losses import CT2XGANBatch, CT2XGANLoss, CT2XGANLossConfig, Perceptual
@@ -56,10 +57,10 @@ class SynthGAN:
 
     @staticmethod
     def training_set(config: TrainConfig) -> SynthDataset:
-        """The training split of `config.data` (a `prepare synth` folder)."""
-        if config.augment:
-            raise CT2XInputError("ct2x-gan has no augmentation yet; train it with augment off (--no-augment)")
-        return SynthDataset(config.data, "train", seed=config.seed)
+        """The training split of `config.data` (a `prepare synth` folder), rendered anew on the fly when
+        `config.augment`."""
+        return SynthDataset(config.data, "train", seed=config.seed,
+                            augmentation=SynthAugmentation() if config.augment else None)
 
     def set_learning_rate(self, learning_rate: float) -> None:
         for optimizer in (self.generator_optimizer, self.discriminator_optimizer):
@@ -72,8 +73,9 @@ class SynthGAN:
         return CT2XGANBatch(batch["ct"].to(device), batch["label"].to(device), mip, batch["drr"].to(device),
                             batch["xray"].to(device))
 
-    def step(self, batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, float]:
-        """One generator-side and one discriminator update; the terms as floats, "g_..." and "d_..."."""
+    def step(self, batch: Dict[str, torch.Tensor], device: torch.device, done: int = 0) -> Dict[str, float]:
+        """One generator-side and one discriminator update after `done` steps; the terms as floats, "g_..." and
+        "d_..." ("d_r1" is NaN on steps without R1)."""
         inputs = self.inputs(batch, device)
         self.generator.train()
         self.discriminator.train()
@@ -84,12 +86,13 @@ class SynthGAN:
         self.generator_optimizer.step()
 
         self.discriminator.requires_grad_(True)
-        discriminator_terms = self.loss.discriminator_terms(inputs)
+        discriminator_terms = self.loss.discriminator_terms(inputs, with_r1=done % self.loss.config.r1_interval == 0)
         self.discriminator_optimizer.zero_grad(set_to_none=True)
         discriminator_terms["total"].backward()
         self.discriminator_optimizer.step()
         return {**{f"g_{name}": value.item() for name, value in generator_terms.items()},
-                **{f"d_{name}": value.item() for name, value in discriminator_terms.items()}}
+                **{f"d_{name}": value.item() for name, value in discriminator_terms.items()},
+                "d_r1": discriminator_terms["r1"].item() if "r1" in discriminator_terms else float("nan")}
 
     def sample_picture(self, batch: Dict[str, torch.Tensor], device: torch.device) -> np.ndarray:
         """uint8 films of the batch's first sample side by side: DRR | DRR-style synthesis | X-ray-style synthesis |

@@ -75,7 +75,7 @@ class Trainer:
             batch = next(batches)
             self.objective.set_learning_rate(config.learning_rate_at(self.step))
             with autocast:
-                losses = self.objective.step(batch, self.device)
+                losses = self.objective.step(batch, self.device, self.step)
             self.step += 1
             bar.update(1)
             bar.set_postfix({key: f"{losses[name]:.3f}" for key, name in (("g", "g_total"), ("d", "d_total"))

@@ -1,0 +1,90 @@
+"""Draw docs/ct2x_gan.md's training figures: loss curves of several `ct2x train synth` runs, and a grid of one
+prepared case at its poses: the physics DRR, each model's X-ray-style synthesis (styled by the same real films of one
+split), the first model's DRR-style synthesis, and the style films.
+
+    python scripts/make_synth_figures.py --run NAME=RUN [--run NAME=RUN ...] --data PREPARED --case CASE \
+        [--split test] --out-prefix docs/images/synth_cpu
+
+Writes PREFIX_curves.png and PREFIX_grid.png. Dev-time only: needs matplotlib.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+from ct2x.data.prepare_synth import film_paths, load_case, load_film
+from ct2x.evaluate_synth import synthesize_case
+from ct2x.io import save_png
+from ct2x.synthesize import load_synth_model
+
+CURVES = (("g_reconstruction", "reconstruction (eq. 8, MAE x 10)"), ("g_adversarial", "generator adversarial"),
+          ("d_adversarial", "discriminator adversarial"))
+SMOOTHING = 5  # running mean over this many logged values
+
+
+def parse_runs(pairs: List[str]) -> Dict[str, Path]:
+    runs = {}
+    for pair in pairs:
+        name, _, folder = pair.partition("=")
+        runs[name] = Path(folder)
+    return runs
+
+
+def draw_curves(runs: Dict[str, Path], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.2))
+    for name, folder in runs.items():
+        rows = list(csv.DictReader((folder / "log.csv").open()))
+        steps = np.array([int(row["step"]) for row in rows])
+        for axis, (column, title) in zip(axes, CURVES):
+            values = np.array([float(row[column]) for row in rows])
+            smooth = np.convolve(values, np.ones(SMOOTHING) / SMOOTHING, mode="valid")
+            axis.plot(steps[SMOOTHING - 1:], smooth, label=name)
+            axis.set_title(title, fontsize=9)
+            axis.set_xlabel("step")
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+
+
+def draw_grid(runs: Dict[str, Path], data: Path, case_name: str, split: str, out: Path, gap_px: int = 2) -> None:
+    case = load_case(data / "cases" / f"{case_name}.npz")
+    films = film_paths(data, split)
+    style = np.stack([load_film(films[pose % len(films)]) for pose in range(len(case["angles_deg"]))])  # (P, F, F)
+    rows = [case["drr"]]
+    for number, folder in enumerate(runs.values()):
+        network = load_synth_model(folder / "model.safetensors").network
+        xray_style, drr_style = synthesize_case(network, case, style)
+        rows.append(xray_style)
+        if number == 0:
+            rows.append(drr_style)
+    rows.append(style)
+    sheet = np.concatenate([np.concatenate([np.pad(film, ((0, gap_px), (0, gap_px))) for film in row], axis=1)
+                            for row in rows], axis=0)
+    save_png((np.clip(sheet, 0, 1) * 255).round().astype(np.uint8), out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", action="append", required=True, metavar="NAME=RUN", help="a run folder, named")
+    parser.add_argument("--data", required=True, type=Path, help="prepared synth folder holding the case")
+    parser.add_argument("--case", required=True, help="case id in the folder")
+    parser.add_argument("--split", default="test", help="split of the real films that give the style")
+    parser.add_argument("--out-prefix", required=True, type=Path)
+    args = parser.parse_args()
+    runs = parse_runs(args.run)
+    draw_curves(runs, args.out_prefix.with_name(args.out_prefix.name + "_curves.png"))
+    draw_grid(runs, args.data, args.case, args.split, args.out_prefix.with_name(args.out_prefix.name + "_grid.png"))
+
+
+if __name__ == "__main__":
+    main()
