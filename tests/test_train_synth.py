@@ -4,6 +4,9 @@ writes its files and a model `ct2x.synthesize.Synthesizer` renders with, resume 
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -124,6 +127,35 @@ def test_run_files_model_and_exact_resume(prepared, tmp_path, monkeypatch):
     assert [row["step"] for row in resumed] == ["1", "2", "3"]
     for key in set(rows[2]) - {"seconds"}:
         assert resumed[2][key] == rows[2][key]  # the step after resuming equals the uninterrupted run's
+
+
+TWO_PROCESS_RUN = """
+import sys, torch
+from ct2x.train.config import TrainConfig
+from ct2x.train.trainer import Trainer
+config = TrainConfig.load(sys.argv[1])
+trainer = Trainer(config, sys.argv[2], torch.device("cpu"))
+trainer.run(progress=False)
+torch.save({name: value for name, value in trainer.generator.named_parameters()},
+           f"{sys.argv[2]}/rank{trainer.rank}.pt")
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_under_torchrun_take_the_same_steps(prepared, tmp_path):
+    """Each process draws other samples and starts from other random weights (seed + rank): equal weights after
+    the run need both the first process's weights shared and every gradient averaged."""
+    tiny_config(prepared, steps=2, batch_size=1, augment=True, sample_every=5).save(tmp_path / "config.json")
+    (tmp_path / "run.py").write_text(TWO_PROCESS_RUN)
+    (tmp_path / "run").mkdir()
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(tmp_path / "run.py"), str(tmp_path / "config.json"), str(tmp_path / "run")],
+                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    first, second = (torch.load(tmp_path / "run" / f"rank{rank}.pt", weights_only=True) for rank in (0, 1))
+    for name, value in first.items():
+        torch.testing.assert_close(value, second[name], rtol=0, atol=1e-6, msg=name)
+    assert [row["step"] for row in csv.DictReader((tmp_path / "run" / "log.csv").open())] == ["1", "2"]
+    assert (tmp_path / "run" / "model.safetensors").exists()
 
 
 def test_train_synth_command_line(prepared, tmp_path, capsys):

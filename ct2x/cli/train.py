@@ -1,8 +1,8 @@
 """`ct2x train recon --model x2ct --data DIR --out RUN`: train an X-ray -> CT network on a prepared folder;
 `ct2x train synth --data DIR --out RUN`: train CT2X-GAN (CT -> X-ray synthesis) on a `prepare synth` folder.
 
-`train recon` runs on one process or, under `torchrun --nproc_per_node N -m ct2x.cli.main train recon ...`, on
-many (DistributedDataParallel, on one machine or several); `train synth` on one process.
+Both run on one process or, under `torchrun --nproc_per_node N -m ct2x.cli.main train ...`, on many (on one machine
+or several; `ct2x.train.trainer`).
 """
 
 from __future__ import annotations

@@ -29,6 +29,8 @@ class ReconGAN:
     """Adam optimisers, losses and one training step for a film(s) -> volume generator and a 3-D discriminator
     (None when `config.gan_weight` is 0: no adversarial term, no discriminator step)."""
 
+    wraps_in_ddp = True  # under torchrun the trainer wraps both networks in DistributedDataParallel
+
     def __init__(self, generator: torch.nn.Module, discriminator: Optional[torch.nn.Module], films: Sequence[str],
                  config: TrainConfig):
         if (discriminator is not None) != config.adversarial:

@@ -8,8 +8,9 @@ Adam at the paper's learning rate 0.0025 (the command line's default; here `conf
 and its networks are StyleGAN2's with equalised learning rates, for which these are StyleGAN2's values. The loss
 weights and switches are `config.loss_config` (CT2XGANLossConfig fields over its defaults). LPIPS (eq. 8) is the
 `lpips` package's AlexNet (`ct2x.metrics.lpips.alexnet_lpips`), built only when its weight `loss_config["lpips"]` is
-above 0; it may also be passed in. One process only: the losses call the networks' methods, which
-DistributedDataParallel does not wrap.
+above 0; it may also be passed in. Under torchrun the networks stay unwrapped (the losses call their methods, which
+DistributedDataParallel does not see): they start from the first process's weights and every gradient is averaged
+over the processes (`ct2x.train.distributed`).
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ import torch
 
 from ct2x import __version__
 from ct2x.data.synth_dataset import SynthAugmentation, SynthDataset
-from ct2x.errors import CT2XInputError
 from ct2x.models import ModelInfo
 from ct2x.nets.ct2x_gan_losses import CT2XGANBatch, CT2XGANLoss, CT2XGANLossConfig, Perceptual
 from ct2x.train.config import TrainConfig, network_config
+from ct2x.train.distributed import average_gradients, share_first_process_weights
 
 
 class SynthGAN:
     """Adam optimisers, CT2X-GAN's losses and one training step for its generator side and pose discriminator."""
+
+    wraps_in_ddp = False  # several processes average gradients here instead
 
     def __init__(self, generator: torch.nn.Module, discriminator: torch.nn.Module, config: TrainConfig,
                  lpips: Optional[Perceptual] = None):
@@ -38,6 +41,8 @@ class SynthGAN:
         if lpips is None:
             lpips = _no_lpips if loss_config.lpips == 0 else _alexnet_lpips(generator)
         self.generator, self.discriminator, self.config = generator, discriminator, config
+        for network in (generator, discriminator):
+            share_first_process_weights(network)
         self.loss = CT2XGANLoss(generator, discriminator, lpips, loss_config)
         self.generator_optimizer = torch.optim.Adam(generator.parameters(), config.learning_rate, config.betas)
         self.discriminator_optimizer = torch.optim.Adam(discriminator.parameters(), config.learning_rate,
@@ -51,8 +56,6 @@ class SynthGAN:
     @classmethod
     def for_run(cls, generator: torch.nn.Module, discriminator: torch.nn.Module, config: TrainConfig) -> SynthGAN:
         """The objective the trainer uses for `config`."""
-        if isinstance(generator, torch.nn.parallel.DistributedDataParallel):
-            raise CT2XInputError("ct2x-gan trains on one process; run it without torchrun")
         return cls(generator, discriminator, config)
 
     @staticmethod
@@ -83,12 +86,14 @@ class SynthGAN:
         generator_terms = self.loss.generator_terms(inputs)
         self.generator_optimizer.zero_grad(set_to_none=True)
         generator_terms["total"].backward()
+        average_gradients(self.generator)
         self.generator_optimizer.step()
 
         self.discriminator.requires_grad_(True)
         discriminator_terms = self.loss.discriminator_terms(inputs, with_r1=done % self.loss.config.r1_interval == 0)
         self.discriminator_optimizer.zero_grad(set_to_none=True)
         discriminator_terms["total"].backward()
+        average_gradients(self.discriminator)
         self.discriminator_optimizer.step()
         return {**{f"g_{name}": value.item() for name, value in generator_terms.items()},
                 **{f"d_{name}": value.item() for name, value in discriminator_terms.items()},

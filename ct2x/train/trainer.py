@@ -1,4 +1,5 @@
-"""The one trainer of CT2X's networks: one process, or many with `torchrun` (DistributedDataParallel).
+"""The one trainer of CT2X's networks: one process, or many with `torchrun` (DistributedDataParallel, or for an
+objective that says so, `wraps_in_ddp = False`, gradients it averages itself through `ct2x.train.distributed`).
 
 A run folder holds `config.json` (every setting), `log.csv` (losses and learning rate per logged step), TensorBoard
 events when the `tensorboard` package is installed, `samples/step_NNNNNN.png` (the objective's sample picture: for
@@ -45,7 +46,7 @@ class Trainer:
         self.generator = build_network(recipe["generator"], config.generator_config).to(device)
         self.discriminator = (build_network(recipe["discriminator"], config.discriminator_config).to(device)
                               if objective.uses_discriminator(config) else None)
-        if self.world > 1:
+        if self.world > 1 and objective.wraps_in_ddp:
             wrap = torch.nn.parallel.DistributedDataParallel
             ids = [device.index] if device.type == "cuda" else None
             # The generator's per-view heads (X2CT's auxiliary outputs) take no part in the loss.
