@@ -1,18 +1,22 @@
 """Benchmark our slice-warp projector against DiffDRR, nanodrr and plastimatch on the real chest CT (CPU).
 
     python bench/bench_projector.py [--data-dir ../shared/data] [--repeats 7] [--peers diffdrr,nanodrr,plastimatch]
+                                    [--cases 'chest512-*-256-*']
 
-Cases: the chest CT at full resolution (512 x 512 x 141) and resampled to 128^3, AP and lateral views, 128^2 and
-256^2 detectors (C-arm: source-to-detector 1020 mm, source-to-isocentre 700 mm, 430 mm square detector, isocentre at
-the volume centre, cone beam). Every engine integrates the same mu = 0.02/mm * max(0, 1 + HU/1000). Each engine runs
-each case in its own worker process (this script with --engine/--case) so that peak memory is its own. The exact
-reference (`ct2x.projector.reference_projection`, 0.5 mm steps) is computed once per case and cached in bench/_work/.
+Cases (VOLUME-VIEW-SIZE-DETECTOR): the chest CT at full resolution (512 x 512 x 141) and resampled to 128^3, AP and
+lateral views on a 430 mm square detector of 128^2 and 256^2 pixels; at full resolution and 256^2 also the oblique
+views 30, 45 and 60 deg, and all five views at the body-fitted pitch and at the CT2X-GAN paper's 1.164 mm pitch
+(C-arm: source-to-detector 1020 mm, source-to-isocentre 700 mm, isocentre at the volume centre, cone beam). Every
+engine integrates the same mu = 0.02/mm * max(0, 1 + HU/1000). Each engine runs each case in its own worker process
+(this script with --engine/--case) so that peak memory and the whole-process time are its own. The exact reference
+(`ct2x.projector.reference_projection`, 0.5 mm steps) is computed once per case and cached in bench/_work/.
 See bench/README.md for the columns.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import shutil
@@ -26,14 +30,17 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from ct2x.drr import fitted_detector_spacing_mm
 from ct2x.geometry import CArm, Detector, View
 from ct2x.io import load_ct
 from ct2x.projector import SliceWarpProjector, reference_projection
 from ct2x.volume import CTVolume
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_reconstruct import load_average, machine_facts  # noqa: E402
 from peers import (  # noqa: E402
     DEFAULT_PEERS,
+    MU_WATER_PER_MM,
     PEERS,
     Renderer,
     cpu_snapshot,
@@ -48,9 +55,13 @@ CHEST_CT = "ct/chest_popi_phase00.nii.gz"
 SOURCE_TO_DETECTOR_MM = 1020.0
 SOURCE_TO_ISOCENTER_MM = 700.0
 DETECTOR_MM = 430.0  # square detector edge
-SIZES = (128, 256)  # detector pixels per side
-VIEWS = {"AP": 0.0, "lateral": 90.0}  # C-arm primary angle, degrees
+VIEWS = {"AP": 0.0, "30deg": 30.0, "45deg": 45.0, "60deg": 60.0, "lateral": 90.0}  # C-arm primary angle, degrees
 VOLUMES = {"chest512": "512²×141", "chest128": "128³"}  # cache name -> label
+PAPER_PITCH_MM = 1.164  # the CT2X-GAN paper's mobile C-arm detector pitch
+DETECTORS = {"430mm": "430 mm", "fitted": "body-fitted", "paper": f"{PAPER_PITCH_MM} mm"}  # pitch rule -> label
+CASES = ([f"{volume}-{view}-{size}-430mm" for volume in VOLUMES for size in (128, 256) for view in ("AP", "lateral")]
+         + [f"chest512-{view}-256-430mm" for view in ("30deg", "45deg", "60deg")]
+         + [f"chest512-{view}-256-{detector}" for detector in ("fitted", "paper") for view in VIEWS])
 RESAMPLED_SIZE = 128  # voxels per axis of the resampled volume
 REFERENCE_STEP_MM = 0.5
 PREP_REPEATS = 3  # our per-CT preparation is timed this many times (median)
@@ -59,20 +70,34 @@ ENGINE_LABELS = {"ours": "ours", "diffdrr": "DiffDRR", "diffdrr-trilinear": "Dif
 
 
 # --- cases and views -------------------------------------------------------------------------------------------
-def case_name(volume: str, view: str, size: int) -> str:
-    return f"{volume}-{view}-{size}"
+def parse_case(case: str) -> Tuple[str, str, int, str]:
+    volume, view, size, detector = case.split("-")
+    return volume, view, int(size), detector
 
 
-def parse_case(case: str) -> Tuple[str, str, int]:
-    volume, view, size = case.split("-")
-    return volume, view, int(size)
+def case_label(case: str, pitch_mm: Optional[float] = None) -> str:
+    volume, view, size, detector = parse_case(case)
+    pitch = f" ({pitch_mm:.2f} mm)" if detector == "fitted" and pitch_mm else ""
+    return f"{VOLUMES[volume]} {view} {size}² {DETECTORS[detector]}{pitch}"
 
 
-def make_view(affine: np.ndarray, shape_kji: Tuple[int, ...], view: str, size: int) -> View:
-    """The benchmark view of a volume: isocentre at the volume centre (RAS mm), 430 mm detector of size^2 pixels."""
-    center_ijk = (np.array(shape_kji[::-1], dtype=np.float64) - 1.0) / 2.0  # (3,) voxel index
+def reference_file(case: str) -> str:
+    """Cached exact reference of a case (the 430 mm detector keeps the name of earlier runs' caches)."""
+    _, view, size, detector = parse_case(case)
+    return f"reference_{view}_{size}.npy" if detector == "430mm" else f"reference_{view}_{size}_{detector}.npy"
+
+
+def make_view(mu: np.ndarray, affine: np.ndarray, view: str, size: int, detector: str) -> View:
+    """The benchmark view of a mu volume (K, J, I; 1/mm): isocentre at the volume centre (RAS mm), size^2 pixels at
+    the detector's pitch: 430 mm / size, body-fitted over the slider's sweep, or the paper's 1.164 mm."""
+    center_ijk = (np.array(mu.shape[::-1], dtype=np.float64) - 1.0) / 2.0  # (3,) voxel index
     center_ras = affine[:3, :3] @ center_ijk + affine[:3, 3]
     carm = CArm(SOURCE_TO_DETECTOR_MM, SOURCE_TO_ISOCENTER_MM, Detector.square(size, DETECTOR_MM / size))
+    if detector == "paper":
+        carm = carm.with_detector(size, PAPER_PITCH_MM)
+    elif detector == "fitted":  # mu back to HU: the body (above -500 HU) is what counts
+        hu_like = CTVolume(hu=mu / MU_WATER_PER_MM * 1000.0 - 1000.0, affine=affine)
+        carm = carm.with_detector(size, fitted_detector_spacing_mm(hu_like, carm, size))
     return carm.view(VIEWS[view], 0.0, center_ras)
 
 
@@ -114,7 +139,8 @@ def _read_json(path: Path) -> Optional[dict]:
 
 # --- worker: one engine, one case ------------------------------------------------------------------------------
 class OursRenderer(Renderer):
-    """`SliceWarpProjector` (anti-aliased, the default); setup = constructor + prepare([view])."""
+    """`SliceWarpProjector` (anti-aliased, the default) with as many single-threaded workers as torch threads (the
+    DRR renderer's policy); setup = constructor + prepare([view])."""
 
     name = "ours"
 
@@ -125,7 +151,7 @@ class OursRenderer(Renderer):
         self.prep_seconds = []
         for _ in range(PREP_REPEATS):
             start = time.perf_counter()
-            self.projector = SliceWarpProjector(self.volume, affine)
+            self.projector = SliceWarpProjector(self.volume, affine, workers=torch.get_num_threads())
             self.projector.prepare([view])
             self.prep_seconds.append(time.perf_counter() - start)
 
@@ -136,32 +162,39 @@ class OursRenderer(Renderer):
 
 def run_worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    volume, view_name, size = parse_case(args.case)
+    volume, view_name, size, detector = parse_case(args.case)
     folder = args.work_dir / volume
     mu = np.load(folder / "mu.npy")  # (K, J, I) float32 1/mm
     affine = np.load(folder / "affine.npy")
-    view = make_view(affine, mu.shape, view_name, size)
+    view = make_view(mu, affine, view_name, size, detector)
     out = folder / "results" / args.case
     out.mkdir(parents=True, exist_ok=True)
     result = {"engine": args.engine, "case": args.case, "threads": args.threads,
-              "rss_before_engine_mb": peak_rss_mb()}
+              "pitch_mm": view.detector.pixel_spacing_mm[0], "rss_before_engine_mb": peak_rss_mb()}
     if args.engine == "reference":
         start = time.perf_counter()
         image = reference_projection(torch.from_numpy(mu)[None], affine, view, REFERENCE_STEP_MM)[0].numpy()
         result["seconds"] = [time.perf_counter() - start]
-        np.save(folder / f"reference_{view_name}_{size}.npy", image)
+        np.save(folder / reference_file(args.case), image)
     else:
         renderer_class = OursRenderer if args.engine == "ours" else PEERS[args.engine]
         start = time.perf_counter()
         renderer = renderer_class(mu, affine, view, folder)
         result["setup_seconds"] = time.perf_counter() - start
+        renderer.render()  # the first image: the warm-up
+        # Whole process: from the driver starting this worker (Python, imports, reading mu.npy, one setup) to the
+        # first image; plastimatch's own process does all that per image, so its figure is that process's wall time.
+        result["whole_seconds"] = time.time() - args.launched_at
         if isinstance(renderer, OursRenderer):
             result["prep_seconds"] = renderer.prep_seconds
+            result["whole_seconds"] -= sum(renderer.prep_seconds[1:])  # the repeats of the setup are not paid
         before = cpu_snapshot()
-        result["seconds"], image = renderer.timed_renders(1, args.repeats, args.max_seconds)
+        result["seconds"], image = renderer.timed_renders(0, args.repeats, args.max_seconds)
         after = cpu_snapshot()
         if before and after:
             result["foreign_cpu_percent"] = foreign_cpu_percent(before, after)
+        if isinstance(renderer, PEERS["plastimatch"]):
+            result["whole_seconds"] = float(np.median(renderer.process_seconds))
         result["peak_rss_mb"] = renderer.peak_rss_mb()
         np.save(out / f"{args.engine}.npy", image)
     (out / f"{args.engine}.json").write_text(json.dumps(result))
@@ -172,7 +205,8 @@ def spawn(args: argparse.Namespace, engine: str, case: str) -> Optional[str]:
     """Run one worker; None on success, else a short reason."""
     command = [sys.executable, str(Path(__file__).resolve()), "--engine", engine, "--case", case,
                "--work-dir", str(args.work_dir), "--repeats", str(args.repeats),
-               "--max-seconds", str(args.max_seconds), "--threads", str(args.threads)]
+               "--max-seconds", str(args.max_seconds), "--threads", str(args.threads),
+               "--launched-at", repr(time.time())]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
     except subprocess.TimeoutExpired:
@@ -190,9 +224,9 @@ def relative_l2(ours: np.ndarray, other: np.ndarray) -> float:
 
 
 def run_case(args: argparse.Namespace, case: str, peers: List[str], unavailable: Dict[str, str]) -> dict:
-    volume, view_name, size = parse_case(case)
+    volume = parse_case(case)[0]
     folder = args.work_dir / volume
-    reference_path = folder / f"reference_{view_name}_{size}.npy"
+    reference_path = folder / reference_file(case)
     row = {"case": case, "engines": {}}
     if not reference_path.is_file():
         print(f"  {case}: exact reference (once; cached in {reference_path.parent})", file=sys.stderr, flush=True)
@@ -237,6 +271,10 @@ def _percent(value: float) -> str:
     return f"{value:.2%}"
 
 
+def _seconds(value: float) -> str:
+    return f"{value:.2f}" if value < 10 else f"{value:.0f}"
+
+
 def _megabytes(value: float) -> str:
     return f"{value:.0f}"
 
@@ -263,20 +301,22 @@ def _ratio(result: dict, ours: dict) -> str:
 def format_tables(rows: List[dict], peers: List[str], repeats: int) -> str:
     """Markdown: speed and memory per case, then agreement of the images."""
     labels = [ENGINE_LABELS.get(p, p) for p in peers]
-    speed_columns = ["case", "ours ms", "ours prep ms", *(f"{label} ms" for label in labels),
-                     *(f"{label}/ours" for label in labels), "peak RSS MB: ours", *labels]
+    speed_columns = ["case", "ours ms", "ours prep ms",
+                     *(f"{label} ms{' (own clock)' if p == 'plastimatch' else ''}" for p, label in zip(peers, labels)),
+                     *(f"{label}/ours" for label in labels), "whole process s: ours", *labels,
+                     "peak RSS MB: ours", *labels]
     agreement_columns = ["case", "ours vs exact", *(f"ours vs {label}" for label in labels),
                          *(f"{label} vs exact" for label in labels)]
     speed, agreement = ([f"| {' | '.join(columns)} |", "|" + "---|" * len(columns)]
                         for columns in (speed_columns, agreement_columns))
     for row in rows:
-        volume, view, size = parse_case(row["case"])
-        label = f"{VOLUMES[volume]} {view} {size}²"
         engines = row["engines"]
         ours = engines["ours"]
+        label = case_label(row["case"], ours.get("pitch_mm"))
         speed.append(" | ".join([f"| {label}", _cell(ours, "median_ms", _ms, repeats), _cell(ours, "prep_ms", _ms)]
                                 + [_cell(engines[p], "median_ms", _ms, repeats) for p in peers]
                                 + [_ratio(engines[p], ours) for p in peers]
+                                + [_cell(engines[e], "whole_seconds", _seconds) for e in ["ours"] + peers]
                                 + [_cell(engines[e], "peak_rss_mb", _megabytes) for e in ["ours"] + peers]) + " |")
         agreement.append(" | ".join([f"| {label}", _cell(ours, "l2_vs_reference", _percent)]
                                     + [_cell(engines[p], "l2_ours_vs_this", _percent) for p in peers]
@@ -301,6 +341,13 @@ def busy_warning(rows: List[dict], limit_percent: float = 10.0) -> str:
             + "; those times are unreliable, run again on a quiet machine.")
 
 
+def _foreign_range(rows: List[dict]) -> str:
+    """The smallest and largest foreign CPU share (%) of any timing, e.g. "0-3 %"."""
+    shares = [result["foreign_cpu_percent"] for row in rows for result in row["engines"].values()
+              if "foreign_cpu_percent" in result]
+    return f"{min(shares):.0f}-{max(shares):.0f} %" if shares else "not measured"
+
+
 def run_driver(args: argparse.Namespace) -> None:
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     unknown = [p for p in peers if p not in PEERS]
@@ -309,11 +356,23 @@ def run_driver(args: argparse.Namespace) -> None:
     unavailable = {p: reason for p in peers if (reason := missing(p))}
     print(f"preparing volumes in {args.work_dir}", file=sys.stderr, flush=True)
     prepare_volumes(args.data_dir, args.work_dir)
+    cases = [case for case in CASES if any(fnmatch.fnmatchcase(case, pattern) for pattern in args.cases.split(","))]
+    if not cases:
+        raise SystemExit(f"--cases {args.cases!r} matches none of {', '.join(CASES)}")
     start = time.perf_counter()
-    rows = [run_case(args, case_name(volume, view, size), peers, unavailable)
-            for volume in VOLUMES for size in SIZES for view in VIEWS]
-    header = (f"CPU, torch {torch.__version__}, {args.threads} threads; median of up to {args.repeats} runs after "
-              f"1 warm-up; relative L2 = ||ours - X|| / ||X|| (and ||X - exact|| / ||exact||).")
+    load_before = load_average()
+    rows = [run_case(args, case, peers, unavailable) for case in cases]
+    facts = machine_facts("cpu")
+    flags = ", ".join(facts["cpu_flags"]) or "none of note"
+    header = (f"Machine: {facts['cpu']}, {facts['cores']} cores (flags: {flags}), {facts['memory_gib']:.1f} GiB, "
+              f"Python {facts['python']}, torch {facts['torch']}, {args.threads} threads "
+              f"per engine (ours: as many single-threaded workers); load average {load_before or 0:.2f} -> "
+              f"{load_average() or 0:.2f}, foreign CPU {_foreign_range(rows)} while timing.\n\n"
+              f"Median of up to {args.repeats} runs after 1 warm-up; plastimatch ms is its own clock (\"Total time\" "
+              "minus \"I/O time\": after reading the volume, before writing the image; no process start-up), its "
+              "whole-process figure the wall time of one `plastimatch drr` process; the others' whole process: a "
+              "fresh worker from start to its first image. Relative L2 = ||ours - X|| / ||X|| (and ||X - exact|| / "
+              "||exact||).")
     text = header + "\n\n" + format_tables(rows, peers, args.repeats) + failure_notes(rows) + busy_warning(rows)
     print(text)
     summary = {"settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
@@ -336,7 +395,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--work-dir", type=Path, default=REPO_ROOT / "bench" / "_work",
                         help="cache of volumes, references and results (git-ignored)")
     parser.add_argument("--engine", help="worker mode: run one engine ('ours', 'reference' or a peer) on --case")
-    parser.add_argument("--case", help="worker mode: VOLUME-VIEW-SIZE, e.g. chest512-AP-256")
+    parser.add_argument("--cases", default="*",
+                        help="comma-separated patterns of the cases to run (VOLUME-VIEW-SIZE-DETECTOR, e.g. "
+                             "'chest512-*-256-paper'); default all: " + ", ".join(CASES))
+    parser.add_argument("--case", help="worker mode: one case, e.g. chest512-AP-256-430mm")
+    parser.add_argument("--launched-at", type=float, help="worker mode: time.time() when the driver started it")
     args = parser.parse_args(argv)
     if args.engine:
         run_worker(args)

@@ -7,16 +7,23 @@ includes the per-CT preparation, is reported separately; then a drag: one update
 angle met for the first time (median and slowest update, which shows any stall); then a sweep of primary angles,
 median of repeats. A second table does the same for the vertical angle (C-arm tilt, -45 to +45 deg in the module).
 
-    python bench/bench_slider.py [--data-dir ../shared/data] [--repeats 5] [--step 15]
+`--busy` runs everything a second time beside one competing busy process that this script starts (a Python loop
+that keeps one core busy, as another program on a desktop would) and prints the ratios busy / quiet.
+
+    python bench/bench_slider.py [--data-dir ../shared/data] [--repeats 5] [--step 15] [--threads 2] [--busy]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Dict, Iterator, List
 
 import torch
 
@@ -24,6 +31,12 @@ from ct2x.drr import DRRRenderer, Physics, fitted_detector_spacing_mm
 from ct2x.geometry import CArm
 from ct2x.io import load_ct
 from ct2x.vtk_bridge import radiograph_to_vtk
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_reconstruct import cpu_snapshot, foreign_cpu_percent, load_average, machine_facts  # noqa: E402
+
+PHYSICS = {"60 kV polychromatic": Physics(), "50 keV monochromatic": Physics(energy_kev=50.0)}
+TILTED = [(0.0, 30.0), (45.0, 15.0), (45.0, 30.0), (45.0, 45.0), (90.0, 30.0)]  # (primary, secondary) deg
 
 
 def update_ms(renderer: DRRRenderer, primary: float, secondary: float, repeats: int) -> float:
@@ -41,9 +54,66 @@ def drag_ms(renderer: DRRRenderer, views: list) -> list:
     return times
 
 
+def measure(volume, carm: CArm, physics: Physics, angles: List[float], repeats: int) -> Dict[str, object]:
+    """Every figure of one row of both tables (ms), and the foreign CPU share (%) while they were taken."""
+    before = cpu_snapshot()
+    start = time.perf_counter()
+    renderer = DRRRenderer(volume, carm, physics)
+    radiograph_to_vtk(renderer.render(0.0))
+    first = (time.perf_counter() - start) * 1e3
+    drag = drag_ms(renderer, [(float(a), 0.0) for a in range(-90, 91)])
+    per_angle = [update_ms(renderer, angle, 0.0, repeats) for angle in angles]
+    tilt_drags = [drag_ms(renderer, [(primary, float(t)) for t in range(-45, 46)]) for primary in (0.0, 45.0)]
+    tilted = [update_ms(renderer, primary, tilt, repeats) for primary, tilt in TILTED]
+    return {"first": first, "drag": drag, "per_angle": per_angle, "tilt_drags": tilt_drags, "tilted": tilted,
+            "foreign_percent": foreign_cpu_percent(before, cpu_snapshot())}
+
+
+@contextlib.contextmanager
+def busy_process() -> Iterator[subprocess.Popen]:
+    """One competing process that keeps a core busy until the block ends."""
+    process = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # let it settle on a core
+        yield process
+    finally:
+        process.terminate()
+        process.wait()
+
+
 def table(header: list, rows: list) -> str:
     return "\n".join([f"| {' | '.join(header)} |", "|" + "---|" * len(header)]
                      + [f"| {' | '.join(row)} |" for row in rows])
+
+
+def print_tables(results: Dict[str, dict], angles: List[float]) -> None:
+    horizontal = [[label, f"{r['first']:.0f}", f"{statistics.median(r['drag']):.0f}", f"{max(r['drag']):.0f}",
+                   *(f"{t:.0f}" for t in r["per_angle"]), f"{statistics.median(r['per_angle']):.0f}",
+                   f"{r['foreign_percent']:.0f}"] for label, r in results.items()]
+    vertical = [[label, *(f"{statistics.median(d):.0f} / {max(d):.0f}" for d in r["tilt_drags"]),
+                 *(f"{t:.0f}" for t in r["tilted"])] for label, r in results.items()]
+    print(table(["physics", "first render incl. preparation ms", "first drag median ms", "first drag slowest ms",
+                 *(f"{a:+.0f} deg" for a in angles), "median over angles", "foreign CPU %"], horizontal))
+    print("\nVertical angle (tilt), after the drag above: first tilt drags from -45 to +45 deg in 1 deg steps, "
+          "median / slowest ms; then tilted views, median ms\n")
+    print(table(["physics", "tilt drag at primary 0 deg", "tilt drag at primary 45 deg",
+                 *(f"{p:+.0f} / {t:+.0f} deg" for p, t in TILTED)], vertical))
+
+
+def print_ratios(quiet: Dict[str, dict], busy: Dict[str, dict]) -> None:
+    """Busy / quiet per figure (the goal: within 3x)."""
+    def ratio(key) -> str:
+        return f"{key(b) / key(q):.1f}x"
+
+    rows = []
+    for label in quiet:
+        q, b = quiet[label], busy[label]
+        rows.append([label, ratio(lambda r: r["first"]), ratio(lambda r: statistics.median(r["drag"])),
+                     ratio(lambda r: max(r["drag"])), ratio(lambda r: statistics.median(r["per_angle"])),
+                     ratio(lambda r: max(r["per_angle"])), ratio(lambda r: statistics.median(r["tilted"])),
+                     ratio(lambda r: max(r["tilted"]))])
+    print(table(["physics", "first render", "first drag median", "first drag slowest", "median over angles",
+                 "slowest angle", "tilted median", "slowest tilted"], rows))
 
 
 def main() -> None:
@@ -51,7 +121,9 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("CT2X_DATA_DIR", "../shared/data")))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--step", type=float, default=15.0, help="primary-angle step of the sweep, deg")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads; the renderer projects with as many single-threaded workers")
+    parser.add_argument("--busy", action="store_true", help="run again beside one competing busy process")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -59,29 +131,27 @@ def main() -> None:
     carm = CArm()
     carm = carm.with_detector(256, fitted_detector_spacing_mm(volume, carm, 256))
     angles = [-90.0 + i * args.step for i in range(int(180 / args.step) + 1)]
-    tilted = [(0.0, 30.0), (45.0, 15.0), (45.0, 30.0), (45.0, 45.0), (90.0, 30.0)]  # (primary, secondary) deg
-    horizontal, vertical = [], []
-    for label, physics in (("60 kV polychromatic", Physics()), ("50 keV monochromatic", Physics(energy_kev=50.0))):
-        start = time.perf_counter()
-        renderer = DRRRenderer(volume, carm, physics)
-        radiograph_to_vtk(renderer.render(0.0))
-        first_ms = (time.perf_counter() - start) * 1e3
-        drag = drag_ms(renderer, [(float(a), 0.0) for a in range(-90, 91)])
-        per_angle = [update_ms(renderer, angle, 0.0, args.repeats) for angle in angles]
-        horizontal.append([label, f"{first_ms:.0f}", f"{statistics.median(drag):.0f}", f"{max(drag):.0f}",
-                           *(f"{t:.0f}" for t in per_angle), f"{statistics.median(per_angle):.0f}"])
-        tilt_drags = [drag_ms(renderer, [(primary, float(t)) for t in range(-45, 46)]) for primary in (0.0, 45.0)]
-        vertical.append([label, *(f"{statistics.median(d):.0f} / {max(d):.0f}" for d in tilt_drags),
-                         *(f"{update_ms(renderer, p, t, args.repeats):.0f}" for p, t in tilted)])
-
+    facts = machine_facts("cpu")
+    print(f"Machine: {facts['cpu']}, {facts['cores']} cores (flags: {', '.join(facts['cpu_flags']) or 'none of note'}),"
+          f" {facts['memory_gib']:.1f} GiB, Python {facts['python']}, torch {facts['torch']}, {args.threads} threads")
     print(f"chest CT {volume.hu.shape[::-1]} voxels, 256^2 detector at {carm.detector.pixel_spacing_mm[0]:.2f} mm, "
-          f"CPU {args.threads} threads, median of {args.repeats} after a warm-up\n")
-    print(table(["physics", "first render incl. preparation ms", "first drag median ms", "first drag slowest ms",
-                 *(f"{a:+.0f} deg" for a in angles), "median over angles"], horizontal))
-    print("\nVertical angle (tilt), after the drag above: first tilt drags from -45 to +45 deg in 1 deg steps, "
-          "median / slowest ms; then tilted views, median ms\n")
-    print(table(["physics", "tilt drag at primary 0 deg", "tilt drag at primary 45 deg",
-                 *(f"{p:+.0f} / {t:+.0f} deg" for p, t in tilted)], vertical))
+          f"median of {args.repeats} after a warm-up\n")
+    runs = [("without a competing process", contextlib.nullcontext())]
+    if args.busy:
+        runs.append(("beside one busy process", busy_process()))
+    results = {}
+    for name, context in runs:
+        load_before = load_average()
+        with context:
+            results[name] = {label: measure(volume, carm, physics, angles, args.repeats)
+                             for label, physics in PHYSICS.items()}
+        print(f"### {name} (load average {load_before or 0:.2f} -> {load_average() or 0:.2f}; foreign CPU: the "
+              "share of the machine other processes used while timing)\n")
+        print_tables(results[name], angles)
+        print()
+    if args.busy:
+        print("Busy / quiet (goal: within 3x)\n")
+        print_ratios(results["without a competing process"], results["beside one busy process"])
 
 
 if __name__ == "__main__":

@@ -187,8 +187,8 @@ class PlastimatchRenderer(Renderer):
     """plastimatch's `drr` command (exact Siddon ray tracing, OpenMP); one process per image.
 
     Its time per image is plastimatch's own "Total time" minus its "I/O time" (writing the image), so process
-    start-up and reading the volume are excluded. Peak memory is the largest VmHWM of the plastimatch processes,
-    polled while they run.
+    start-up and reading the volume are excluded; the wall time of each whole process is kept apart
+    (`process_seconds`). Peak memory is the largest VmHWM of the plastimatch processes, polled while they run.
     """
 
     name = "plastimatch"
@@ -222,15 +222,18 @@ class PlastimatchRenderer(Renderer):
                         "--vup", text(up_lps), "-O", str(self.output_prefix), str(self.input_mha)]
         self.env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
         self.peak_mb = 0.0
+        self.process_seconds: List[float] = []  # wall time of each plastimatch process: start-up, reading, writing
 
     def timed_render(self) -> Tuple[float, np.ndarray]:
         """One plastimatch process -> (seconds it spent rendering, by its own clock, image)."""
+        start = time.perf_counter()
         process = subprocess.Popen(self.command, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    text=True)
         while process.poll() is None:
             self.peak_mb = max(self.peak_mb, peak_rss_mb(process.pid) or 0.0)
             time.sleep(self.poll_seconds)
         log, errors = process.communicate()
+        self.process_seconds.append(time.perf_counter() - start)  # to within a poll interval
         if process.returncode != 0:
             raise RuntimeError(f"{' '.join(self.command)} failed ({process.returncode}): {errors.strip()[-500:]}")
         total = float(re.search(r"Total time:\s*([0-9.eE+-]+)", log).group(1))

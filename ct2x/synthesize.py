@@ -13,8 +13,7 @@ The network's inputs are made exactly as `ct2x prepare synth` made its training 
 - the camera label at a pose: `View.camera_label()` of the preparation's C-arm (`film_px` detector over `sensor_mm`)
   at the primary and secondary angles (degrees) about the cube's centre, the isocentre (`camera_labels`);
 - the pose MIP: the same view on an `mip_px` detector, maximum intensity along its rays through the normalised cube,
-  as `pose_mips` makes it, through one `SliceWarpProjector` kept for the CT and first run through the preparation's
-  angles in order, as `prepare_case` runs its one (the projector reuses cached slabs, so its output depends on them);
+  as `pose_mips` makes it (one `SliceWarpProjector` kept for the CT; its output depends on the view alone);
 - the style: a real film prepared by `prepare_film` at `film_px` (as the style films were), mapped [0, 1] -> [-1, 1],
   through E_sty's X-ray branch; or a style code saved before.
 The film G makes, in [-1, 1], is mapped to [0, 1]: the scale of the training DRRs and films (attenuation divided by
@@ -254,11 +253,10 @@ class Synthesizer:
             self._generator.set_ct(self._encode(values, report))
             self._projector = None
             if self.config.pose_attention:
-                # As `prepare_case`: one projector through the preparation's angles in order. Which re-sliced cube
-                # serves a view depends on those it has cached (`SliceWarpProjector._cached_slab`), so this gives the
-                # training poses their stored MIPs exactly, and a primary-angle sweep never stops to re-slice.
+                # Every slab a sweep over the preparation's angles needs, so that the slider never stops to re-slice.
                 self._projector = SliceWarpProjector(values, self.cube.affine)
-                self._projector.project([self.mip_view(angle) for angle in self.preparation.angles_deg], mode="max")
+                self._projector.prepare([self.mip_view(angle) for angle in self.preparation.angles_deg], mode="max",
+                                        sweep=True)
         report(1.0)
 
     @property

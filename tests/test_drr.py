@@ -1,10 +1,12 @@
 import numpy as np
 import pytest
+import torch
 
 from ct2x import phantoms
 from ct2x.drr import DRRRenderer, Physics, auto_window, fitted_detector_spacing_mm, to_display
 from ct2x.errors import CT2XInputError
 from ct2x.geometry import CArm, Detector
+from ct2x.physics import MATERIALS, load_spectrum, transmission
 from ct2x.volume import CTVolume
 
 WIDE_CARM = CArm(1020, 700, Detector.square(64, 430 / 64))  # 430 mm detector: the whole chest in view
@@ -92,6 +94,32 @@ def test_dragging_the_primary_angle_never_reslices_the_ct(chest):
     for angle in range(-90, 91, 3):
         renderer.render(angle)
     assert set(renderer.projector._stacks) == prepared
+
+
+def test_film_is_the_exact_spectrum_sum_to_the_table_tolerance(chest_renderer):
+    """The renderer looks the polychromatic attenuation up (`AttenuationTable`); the film stays within the table's
+    2e-4 of the exact sum over energy bins of its own area densities."""
+    film = chest_renderer.render(30, 10)
+    maps = torch.from_numpy(np.stack([film.area_density_g_cm2[m] for m in MATERIALS])).double()  # (3, H, W) g/cm^2
+    exact = -torch.log(transmission(maps, load_spectrum("60kV"))).numpy()
+    assert np.abs(film.attenuation - exact).max() < 2e-4
+
+
+def test_a_view_renders_the_same_film_on_a_fresh_and_a_used_renderer(chest):
+    """Neither the views rendered before (the projector's cached slabs) nor the thread count change a film."""
+    used = DRRRenderer(chest, WIDE_CARM, window=(0.0, 5.0))
+    for primary, secondary in ((45, 0), (0, 40), (80, -30)):
+        used.render(primary, secondary)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        fresh = DRRRenderer(chest, WIDE_CARM, window=(0.0, 5.0))  # one worker, where `used` has torch's threads
+    finally:
+        torch.set_num_threads(threads)
+    for primary, secondary in ((20, 0), (20, 25), (0, 0)):
+        np.testing.assert_array_equal(used.render(primary, secondary).attenuation,
+                                      fresh.render(primary, secondary).attenuation)
+    assert torch.get_num_threads() == threads  # rendering runs single-threaded ops and restores the setting
 
 
 def test_display_mapping():

@@ -16,8 +16,10 @@ from ct2x.errors import CT2XInputError
 from ct2x.physics import (
     MATERIALS,
     SPECTRA,
+    AttenuationTable,
     Spectrum,
     add_quantum_noise,
+    attenuation_table,
     hu_to_density,
     load_spectrum,
     material_densities,
@@ -75,6 +77,17 @@ def test_material_densities_split_the_density():
     assert densities.shape == (3, 4, 5, 6)
     torch.testing.assert_close(densities.sum(0), hu_to_density(hu))
     assert (densities[BONE][hu <= 350] == 0).all() and (densities[AIR][hu > -800] == 0).all()
+
+
+def test_material_densities_are_density_times_fractions_exactly():
+    """The chunked selection (CPU, no gradients) gives bitwise the product of density and one-hot fractions."""
+    hu = torch.cat([torch.linspace(-1100.0, 3000.0, 200_003), torch.tensor([-800.0, 350.0, -0.0, 0.0])])
+    for values in (hu, hu.double(), hu[:-7].view(8, -1)[:, :1000]):  # the last: not contiguous
+        expected = hu_to_density(values) * material_fractions(values)
+        assert torch.equal(material_densities(values), expected)
+    with_grad = hu[:10].clone().requires_grad_()
+    material_densities(with_grad).sum().backward()
+    torch.testing.assert_close(with_grad.grad, torch.autograd.grad(hu_to_density(with_grad).sum(), with_grad)[0])
 
 
 # --- tables and spectra ---------------------------------------------------------------------------
@@ -169,6 +182,36 @@ def test_transmission_equals_direct_sum_over_chunks():
     weight = torch.tensor(spectrum.photon_fraction * spectrum.energies_kev)
     direct = torch.einsum("e,ehw->hw", weight, torch.exp(-torch.einsum("me,mhw->ehw", mu, densities)))
     torch.testing.assert_close(transmission(densities, spectrum), direct / weight.sum())
+
+
+@pytest.mark.parametrize("name", SPECTRA)
+@pytest.mark.parametrize("energy_weighted", [True, False])
+def test_attenuation_table_matches_the_exact_spectrum_sum(name, energy_weighted):
+    """Looked-up -ln(I / I_open) within 2e-4 (absolute; 0.02 % of the intensity) of the exact sum over energy
+    bins, thin to thick and in between the table's nodes; outside the table (and for negative area densities) it is
+    the exact sum."""
+    spectrum = load_spectrum(name)
+    table = AttenuationTable(spectrum, energy_weighted)
+    rng = np.random.default_rng(3)
+    scale = np.array([8.0, 64.0, 32.0])[:, None, None]  # air, soft tissue, bone up to the table's extents, g/cm^2
+    inside = rng.uniform(0.0, 1.0, (3, 300, 300)) * scale * rng.choice([0.02, 0.2, 1.0], (1, 300, 300))
+    inside = torch.from_numpy(inside)
+    exact = -torch.log(transmission(inside, spectrum, energy_weighted))
+    looked_up = table(inside.float())
+    assert looked_up.dtype == torch.float32
+    assert (looked_up.double() - exact).abs().max() < 2e-4
+    outside = area_density(0.5, 90.0, 3.0).expand(3, 2, 2).clone()
+    outside[:, 1, 1] = torch.tensor([0.1, -1e-3, 2.0])
+    torch.testing.assert_close(table(outside), -torch.log(transmission(outside, spectrum, energy_weighted)),
+                               atol=1e-6, rtol=0)  # float32 of the exact sum
+    with pytest.raises(CT2XInputError, match=r"\(3, H, W\)"):
+        table(torch.zeros(2, 3, 4, 4))
+
+
+def test_attenuation_table_is_built_once_per_spectrum_and_detector():
+    spectrum = load_spectrum("60kV")
+    assert attenuation_table(spectrum) is attenuation_table(spectrum)
+    assert attenuation_table(spectrum, False) is not attenuation_table(spectrum)
 
 
 def test_single_bin_spectrum_is_monochromatic():

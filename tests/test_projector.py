@@ -163,18 +163,58 @@ def test_cached_projector_reuses_reslicing_and_is_repeatable(sphere):
     torch.testing.assert_close(first, projector.project(views))
 
 
-def test_a_cached_shorter_slab_serves_views_that_allow_longer_ones(sphere):
+@pytest.mark.parametrize("mode", ["sum", "max"])
+def test_a_view_gives_the_same_image_whatever_the_projector_did_before(sphere, mode):
+    """The image is a function of the view: a projector that has cached other views' slabs (shorter ones from an
+    oblique view, longer ones from a frontal one) gives bitwise the image of a fresh projector."""
     volume, affine = sphere
     carm = CArm(detector=Detector.square(32, 4.0))
-    projector = SliceWarpProjector(volume, affine)
-    projector.prepare([carm.view(30, 0)])  # oblique: rays drift sideways, so slabs are short
-    (short,) = projector._stacks
-    frontal = carm.view(0, 0)
-    assert projector._plans(frontal)[0].slab > short[1]
-    image = projector.project([frontal])
-    assert list(projector._stacks) == [short]  # no new re-slicing for the frontal view
-    fresh = SliceWarpProjector(volume, affine).project([frontal])
-    assert torch.norm(image - fresh) / torch.norm(fresh) < 0.01
+    views = [carm.view(angle, tilt) for angle, tilt in ((0, 0), (17, 0), (30, 0), (45, 0), (75, 0), (30, 35))]
+    used = SliceWarpProjector(volume, affine)
+    for view in views[::-1]:
+        used.project([view], mode)
+    assert len({key[1] for key in used._stacks}) > 1  # slabs of more than one length are cached
+    for view in views:
+        fresh = SliceWarpProjector(volume, affine).project([view], mode)
+        assert torch.equal(used.project([view], mode), fresh)
+
+
+@pytest.mark.parametrize("mode", ["sum", "max"])
+def test_reslicing_pads_short_windows_with_zeros(mode):
+    """A re-sliced stack is the volume zero-padded to whole windows, summed (or maximised) over slabs and averaged
+    (or maximised) in-plane, for every main axis; negative values too, so that a short window's zeros show in max."""
+    volume = torch.from_numpy(np.random.default_rng(2).standard_normal((2, 3, 7, 9, 11)))  # (B, C, K, J, I)
+    projector = SliceWarpProjector(volume, np.eye(4))
+    for main, slab, pool_rows, pool_cols in ((0, 4, 2, 3), (1, 3, 2, 2), (2, 2, 4, 1), (0, 1, 1, 1)):
+        sizes = {4: 11, 3: 9, 2: 7}  # tensor dim -> size
+        (row_dim, col_dim), main_dim = slicewarp._SLICE_LAYOUT[main][0], slicewarp._MAIN_DIM[main]
+        steps = {main_dim: slab, row_dim: pool_rows, col_dim: pool_cols}
+        padded = torch.nn.functional.pad(volume, [p for dim in (4, 3, 2) for p in (0, -sizes[dim] % steps[dim])])
+        shape = [2, 3] + [n for dim in (2, 3, 4) for n in (padded.shape[dim] // steps[dim], steps[dim])]
+        blocks = padded.reshape(shape)  # (B, C, K', k, J', j, I', i)
+        slab_dim, window_dims = {2: 3, 3: 5, 4: 7}[main_dim], (3, 5, 7)
+        in_plane = [d for d in window_dims if d != slab_dim]
+        if mode == "sum":
+            expected = blocks.mean(in_plane, keepdim=True).sum(slab_dim, keepdim=True)
+        else:
+            expected = blocks.amax(window_dims, keepdim=True)
+        expected = expected.reshape(2 * 3, *(shape[d - 1] for d in window_dims))  # (B*C, K', J', I')
+        expected = expected.permute(main_dim - 1, 0, row_dim - 1, col_dim - 1)  # (slabs, B*C, rows, cols)
+        torch.testing.assert_close(projector._reslice(main, slab, pool_rows, pool_cols, mode), expected)
+
+
+def test_workers_give_the_same_image_and_restore_torch_threads(sphere):
+    """Chunk groups projected by two single-threaded workers add up to bitwise the one-thread image; torch's
+    thread count is back where it was after the call."""
+    volume, affine = sphere
+    views = [CArm(detector=Detector.square(160, 0.9)).view(angle, tilt) for angle, tilt in ((0, 0), (40, 20))]
+    assert slicewarp._SAMPLES_PER_CHUNK // 160**2 * slicewarp._GROUPS < 64  # every group gets chunks of slabs
+    threads = torch.get_num_threads()
+    alone = SliceWarpProjector(volume, affine).project(views)
+    shared = SliceWarpProjector(volume, affine, workers=2)
+    assert torch.equal(shared.project(views), alone)
+    assert torch.get_num_threads() == threads
+    assert torch.equal(shared.project(views, "max"), SliceWarpProjector(volume, affine).project(views, "max"))
 
 
 @pytest.mark.parametrize("mode", ["sum", "max"])

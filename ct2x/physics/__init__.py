@@ -1,7 +1,9 @@
-"""X-ray physics in torch + numpy: HU -> materials, tube spectra, polychromatic transmission, noise."""
+"""X-ray physics in torch + numpy: HU -> materials, tube spectra, polychromatic transmission (exact or looked up),
+noise."""
 
 from __future__ import annotations
 
+from ct2x.physics.lookup import AttenuationTable, attenuation_table
 from ct2x.physics.materials import (
     AIR_MAX_HU,
     MATERIALS,
@@ -22,11 +24,13 @@ from ct2x.physics.spectra import (
 
 __all__ = [
     "AIR_MAX_HU",
+    "AttenuationTable",
     "MATERIALS",
     "SOFT_TISSUE_MAX_HU",
     "SPECTRA",
     "Spectrum",
     "add_quantum_noise",
+    "attenuation_table",
     "hu_to_density",
     "load_spectrum",
     "mass_attenuation_at",

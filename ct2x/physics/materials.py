@@ -14,6 +14,7 @@ from ct2x.errors import CT2XInputError
 MATERIALS = ("air", "soft_tissue", "bone")  # channel order everywhere
 AIR_MAX_HU = -800.0  # air: HU <= -800
 SOFT_TISSUE_MAX_HU = 350.0  # soft tissue: -800 < HU <= 350; bone: HU > 350
+_CHUNK_VOXELS = 1 << 16  # voxels material_densities converts at once on the CPU: temporaries stay in cache
 
 
 def _as_float(hu: Tensor) -> Tensor:
@@ -54,4 +55,20 @@ def material_densities(hu: Tensor, smooth: bool = False, width_hu: float = 50.0)
 
     density(HU) * fractions(HU): the channels the projector integrates. A line integral in mm / 10 = g/cm^2.
     """
-    return hu_to_density(hu) * material_fractions(hu, smooth=smooth, width_hu=width_hu)
+    hu = _as_float(hu)
+    if smooth or (torch.is_grad_enabled() and hu.requires_grad):
+        return hu_to_density(hu) * material_fractions(hu, smooth=smooth, width_hu=width_hu)
+    # One-hot fractions as selections, a cache-sized piece at a time: the same numbers as density * fractions for
+    # finite HU, in half the time for a CT, whose temporaries would each be a pass over memory.
+    flat = hu.reshape(-1)
+    out = torch.empty((len(MATERIALS), flat.numel()), dtype=hu.dtype, device=hu.device)  # (3, N) g/cm^3
+    zero = torch.zeros((), dtype=hu.dtype, device=hu.device)
+    chunk = _CHUNK_VOXELS if hu.device.type == "cpu" else max(flat.numel(), 1)
+    for start in range(0, flat.numel(), chunk):
+        part, end = flat[start:start + chunk], start + chunk
+        density = hu_to_density(part)
+        air, bone = part <= AIR_MAX_HU, part > SOFT_TISSUE_MAX_HU
+        torch.where(air, density, zero, out=out[0, start:end])
+        torch.where(air | bone, zero, density, out=out[1, start:end])
+        torch.where(bone, density, zero, out=out[2, start:end])
+    return out.view(len(MATERIALS), *hu.shape)

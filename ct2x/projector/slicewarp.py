@@ -4,8 +4,9 @@ Each ray is integrated across its *main axis*, the volume index axis it is most 
 cone at an oblique angle splits the detector into regions with different main axes). Every slice across it meets a
 ray in one point; since a ray is a line, the in-slice coordinates of that point are affine in the slice index, so
 one 2-D bilinear `grid_sample` per chunk of slices samples all rays at once, and the line integral is the sum over
-slices times the ray's length per slice. The volume is re-sliced once per main axis and cached, so a new view only
-pays for the warps.
+slices times the ray's length per slice. The volume is re-sliced once per main axis, slab length and filter and
+cached, so a new view only pays for the warps (`prepare(..., sweep=True)` readies a whole slider range). Ray
+planning works in voxel index space: pixel centres are affine in (row, column), so no per-pixel RAS arrays.
 
 Anti-aliasing (on by default) makes the work follow the detector rather than the CT:
 - in-plane, slices are box-filtered by the integer factor by which the detector pixel, projected to the volume
@@ -13,11 +14,14 @@ Anti-aliasing (on by default) makes the work follow the detector rather than the
 - along the main axis, neighbouring slices are summed into slabs as long as a ray drifts sideways by at most
   `max_drift_voxels` (default 2) filtered voxels across a slab, so near-axial rays take fewer steps. On the real
   chest CT this stays within 0.3 % relative L2 of the dense reference at 0/30/45/90 deg (bench/RESULTS.md).
+  A view's slab length is a function of the view alone, so its image never depends on what was projected before.
 With `antialias=False` the method is plain Joseph: one bilinear sample per slice per ray.
 
 Each `grid_sample` call covers a chunk of slabs and, of the detector, only the rectangle whose rays meet those slabs
 (at slider geometry about half the rays miss a given slab and would read zeros). On the CPU the chunk is first
-copied into a reused buffer, which halves the sampling time (`SliceWarpProjector._staged`).
+copied into a reused buffer, which halves the sampling time (`SliceWarpProjector._staged`), and the chunks can be
+shared out to single-threaded workers (`workers`), which keep their speed beside other busy processes where
+torch's intra-op threads do not.
 
 The continuous volume is the trilinear interpolant between voxel centres with zero outside, the same one that
 `reference.reference_projection` integrates densely.
@@ -26,8 +30,11 @@ The continuous volume is the trilinear interpolant between voxel centres with ze
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -46,6 +53,9 @@ _MAIN_DIM = {0: 4, 1: 3, 2: 2}
 # Grid points per grid_sample call (4 slabs at 256^2): few slabs keep the detector rectangle per chunk tight, enough
 # points keep the per-call overhead small.
 _SAMPLES_PER_CHUNK = 1 << 18
+# A region's chunks of slabs are accumulated in this many interleaved groups, one partial image each, added in group
+# order: the image is the same whether one thread or several (`workers`) project the groups.
+_GROUPS = 4
 
 
 @dataclass(frozen=True)
@@ -63,8 +73,8 @@ class _RayPlan:
     rows: slice  # the region on the detector
     cols: slice
     mask: Optional[np.ndarray]  # (h, w) bool, True where this plan's rays are; None = the whole region
-    origins_vox: np.ndarray  # (h, w, 3) ray origins, voxel index (i, j, k)
-    directions_mm: np.ndarray  # (h, w, 3) unit ray directions, RAS
+    origins_vox: np.ndarray  # (h, w, 3) ray origins, voxel index (i, j, k); (1, 1, 3) for a cone beam's source
+    pixels_main: np.ndarray  # (h, w) main index of each ray's pixel centre, where the ray ends
     along: np.ndarray  # (h, w) main index per mm along each ray
     slope: np.ndarray  # (h, w, 3) index change per unit of main index along each ray
 
@@ -78,12 +88,20 @@ class SliceWarpProjector:
 
     float32/float64 anywhere; float16/bfloat16 on CUDA (on the CPU they are computed in float32).
 
-    Differentiable with respect to the volume. Re-sliced copies are cached per (main axis, filter factors) when the
-    volume does not require gradients; with gradients they are rebuilt per call so that every call has its own graph.
+    `workers` > 1 (CPU, no autograd): the interleaved groups of each region's chunks (`_GROUPS`, 4) are projected
+    by up to that many Python threads, each running torch single-threaded (`single_threaded_ops`, for the call),
+    instead of by torch's intra-op threads. Those meet at a barrier after every op and spin there; when another
+    process holds a core, a waiting thread loses its time slice at every op and a 40 ms view takes seconds. Workers
+    meet once per region, and one whose core is free takes more of the groups. The image is the same for any number
+    of workers.
+
+    Differentiable with respect to the volume. Re-sliced copies are cached per (main axis, slab length, filter
+    factors) when the volume does not require gradients; with gradients they are rebuilt per call so that every call
+    has its own graph. The cache changes only the time a view takes, never its image.
     """
 
     def __init__(self, volume: torch.Tensor, affine: np.ndarray, antialias: bool = True, max_slab: int = 8,
-                 max_drift_voxels: float = 2.0):
+                 max_drift_voxels: float = 2.0, workers: int = 1):
         if volume.ndim != 5:
             raise CT2XInputError(f"projector volume must be (B, C, K, J, I), got shape {tuple(volume.shape)}")
         if min(volume.shape[2:]) < 2:
@@ -100,20 +118,33 @@ class SliceWarpProjector:
         self.shape_ijk = np.array(volume.shape[2:][::-1])  # (I, J, K)
         self.center_ras = voxel_to_world(self.affine, (self.shape_ijk - 1) / 2.0)
         self._stacks: Dict[Tuple[int, int, int, int, str], torch.Tensor] = {}  # (slabs, B*C, rows, cols)
-        self._staging: Optional[torch.Tensor] = None  # flat CPU buffer the chunk being sampled is copied into
+        self._staging: Dict[int, torch.Tensor] = {}  # per thread: flat CPU buffer its chunk is copied into
+        self.workers = max(1, int(workers))
+        self._pool: Optional[ThreadPoolExecutor] = None
 
     # --- public ---------------------------------------------------------------------------------------------
     def project(self, views: Sequence[View], mode: str = "sum") -> torch.Tensor:
         """Every volume at every view -> (B, P, C, H, W): line integrals (value x mm) or maxima along rays."""
         if mode not in MODES:
             raise CT2XInputError(f"projection mode {mode!r} is unknown; use one of {MODES}")
-        return torch.stack([self._project_view(view, mode) for view in views], dim=1)
+        with single_threaded_ops(self._worker_pool(self.volume.device) is not None):
+            return torch.stack([self._project_view(view, mode) for view in views], dim=1)
 
-    def prepare(self, views: Sequence[View], mode: str = "sum") -> None:
-        """Build (and cache) the re-sliced volumes these views need, so that later calls pay only for warps."""
-        for view in views:
-            for plan in self._plans(view):
-                self._stack(*plan.stack_key, mode)
+    def prepare(self, views: Sequence[View], mode: str = "sum", sweep: bool = False) -> None:
+        """Build (and cache) the re-sliced volumes these views need, so that later calls pay only for warps.
+
+        `sweep=True`: also every slab length between the shortest and the longest that each main axis needs among
+        `views`, so that the views in between a coarsely sampled sweep (a slider's range, whose drift grows and
+        shrinks smoothly with the angle) find theirs too.
+        """
+        keys = {plan.stack_key for view in views for plan in self._plans(view)}
+        if sweep:
+            for main, pool_rows, pool_cols in {(key[0], key[2], key[3]) for key in keys}:
+                slabs = [key[1] for key in keys if (key[0], key[2], key[3]) == (main, pool_rows, pool_cols)]
+                keys |= {(main, slab, pool_rows, pool_cols) for slab in range(min(slabs), max(slabs) + 1)}
+        pool = self._worker_pool(self.volume.device)
+        with single_threaded_ops(pool is not None):  # the workers build different stacks side by side
+            list((pool.map if pool is not None else map)(lambda key: self._stack(*key, mode), sorted(keys)))
 
     # --- per view -------------------------------------------------------------------------------------------
     def _plans(self, view: View) -> List[_RayPlan]:
@@ -121,10 +152,8 @@ class SliceWarpProjector:
 
         Near-axial views use one axis for every ray; oblique views with a wide cone split the detector into regions.
         """
-        origins, directions = view.rays()  # (H, W, 3) RAS mm, unit directions
-        origins_vox = world_to_voxel(self.affine, origins)  # (H, W, 3) ijk
-        directions_vox = directions @ self.voxel_per_mm.T  # (H, W, 3) ijk per mm
-        best_axis = np.argmax(np.abs(directions_vox), axis=-1)  # (H, W)
+        pixels_vox, origins_vox, offsets_vox, lengths_mm = self._rays_vox(view)
+        best_axis = np.argmax(np.abs(offsets_vox), axis=-1)  # (H, W)
         main_axes = np.flatnonzero(np.bincount(best_axis.ravel(), minlength=3))
         pitch_mm = self._detector_pitch_at_volume(view)
         plans = []
@@ -133,23 +162,47 @@ class SliceWarpProjector:
             mask = None
             if len(main_axes) > 1:
                 uses = best_axis == main
-                r, c = np.nonzero(uses)
-                rows, cols = slice(r.min(), r.max() + 1), slice(c.min(), c.max() + 1)
+                rows, cols = _span(uses.any(1)), _span(uses.any(0))
                 mask = uses[rows, cols]
-            along = directions_vox[rows, cols, main]  # (h, w), never below 1/sqrt(3) of the largest component
-            slope = directions_vox[rows, cols] / along[..., None]  # (h, w, 3)
+            offsets = offsets_vox[rows, cols]  # (h, w, 3) index steps along each ray
+            slope = offsets / offsets[..., main:main + 1]  # (h, w, 3), never above sqrt(3) in size
+            along = offsets[..., main] / lengths_mm[rows, cols]  # (h, w) main index per mm
             row_axis, col_axis = _SLICE_LAYOUT[main][1]
             pool_rows = pool_cols = slab = 1
             if self.antialias:
                 pool_rows = self._pool_factor(pitch_mm, row_axis)
                 pool_cols = self._pool_factor(pitch_mm, col_axis)
-                used = np.abs(slope if mask is None else slope[mask])  # (n, 3) slopes of this plan's rays
-                drift = max(used[..., row_axis].max() / pool_rows, used[..., col_axis].max() / pool_cols)
+                drift = max(_largest(slope[..., row_axis], mask) / pool_rows,
+                            _largest(slope[..., col_axis], mask) / pool_cols)  # of this plan's rays
                 slab = int(min(self.max_slab, max(1, math.floor(self.max_drift_voxels / max(drift, 1e-6))),
                                self.shape_ijk[main]))
-            plans.append(_RayPlan(main, slab, pool_rows, pool_cols, rows, cols, mask, origins_vox[rows, cols],
-                                  directions[rows, cols], along, slope))
+            origins = origins_vox if origins_vox.shape[:2] == (1, 1) else origins_vox[rows, cols]
+            plans.append(_RayPlan(main, slab, pool_rows, pool_cols, rows, cols, mask, origins,
+                                  pixels_vox[rows, cols, main], along, slope))
         return plans
+
+    def _rays_vox(self, view: View) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The view's rays in voxel index space: pixel centres (H, W, 3), origins ((1, 1, 3) for a cone beam's
+        source, else (H, W, 3)), origin -> pixel offsets (H, W, 3) and the rays' lengths to their pixels (H, W) mm.
+
+        Pixel centres are affine in (row, column), so they are built from the detector's centre and axes mapped to
+        voxel index space once, rather than mapping every pixel from RAS.
+        """
+        du, dv = view.detector.pixel_spacing_mm
+        cols_mm = (np.arange(view.detector.width_px) + 0.5 - view.detector.width_px / 2) * du  # (W,)
+        rows_mm = (np.arange(view.detector.height_px) + 0.5 - view.detector.height_px / 2) * dv  # (H,)
+        centre_vox = world_to_voxel(self.affine, view.detector_center_ras[None])[0]  # (3,) ijk
+        row_vox = self.voxel_per_mm @ view.row_direction  # (3,) index steps per mm down the rows
+        col_vox = self.voxel_per_mm @ view.column_direction
+        pixels_vox = centre_vox + rows_mm[:, None, None] * row_vox + cols_mm[None, :, None] * col_vox  # (H, W, 3)
+        if view.beam == "parallel":
+            offsets_vox = np.broadcast_to(view.source_to_detector_mm * (self.voxel_per_mm @ view.principal_direction),
+                                          pixels_vox.shape)
+            lengths_mm = np.full(pixels_vox.shape[:2], view.source_to_detector_mm)
+            return pixels_vox, pixels_vox - offsets_vox, offsets_vox, lengths_mm
+        origins_vox = world_to_voxel(self.affine, view.source_ras[None])[None]  # (1, 1, 3)
+        lengths_mm = np.sqrt(view.source_to_detector_mm ** 2 + rows_mm[:, None] ** 2 + cols_mm[None, :] ** 2)
+        return pixels_vox, origins_vox, pixels_vox - origins_vox, lengths_mm
 
     def _detector_pitch_at_volume(self, view: View) -> float:
         """Detector pixel size (mm) projected back to the volume centre."""
@@ -182,7 +235,6 @@ class SliceWarpProjector:
     def _project_region(self, view: View, plan: _RayPlan, mode: str) -> torch.Tensor:
         """(B*C, h, w) projection of the rays of one plan."""
         main, slab, pool_rows, pool_cols = plan.stack_key
-        slab = self._cached_slab(main, slab, pool_rows, pool_cols, mode)
         origins_vox, slope, along = plan.origins_vox, plan.slope, plan.along
         stack = self._stack(main, slab, pool_rows, pool_cols, mode)
         row_axis, col_axis = _SLICE_LAYOUT[main][1]
@@ -192,7 +244,7 @@ class SliceWarpProjector:
         # a(t) = o_a + (t - o_m) * slope_a; box filtering by p maps index a to (a - (p-1)/2) / p; grid_sample's
         # align_corners coordinates map index x of an n-long axis to 2x/(n-1) - 1. All affine in n:
         # grid(n) = start + n * step.
-        o_main = origins_vox[..., main]
+        o_main = origins_vox[..., main]  # (h, w), or (1, 1) for a cone beam
         starts, steps = [], []
         for axis, pool, size in ((col_axis, pool_cols, n_cols), (row_axis, pool_rows, n_rows)):
             scale = 2.0 / (pool * max(size - 1, 1))
@@ -205,7 +257,7 @@ class SliceWarpProjector:
         step = torch.from_numpy(steps).to(device=device, dtype=dtype)
 
         first, last = self._slabs_in_front_of_source(view, main, slab, n_slabs, o_main, along)
-        past_detector = self._slabs_past_detector(view, slab, o_main, along, plan.directions_mm)
+        past_detector = self._slabs_past_detector(view, slab, along, plan.pixels_main)
         if past_detector is not None:
             threshold = torch.from_numpy(past_detector[0]).to(device=device, dtype=dtype)[..., None]  # (h, w, 1)
         # Only the detector rectangle whose rays meet a chunk's slabs is sampled for that chunk: at slider
@@ -216,25 +268,36 @@ class SliceWarpProjector:
         height, width = start.shape[:2]
         chunk = max(1, _SAMPLES_PER_CHUNK // (height * width))
         empty = 0.0 if mode == "sum" else -math.inf
-        result = torch.full((stack.shape[1], height, width), empty, device=device, dtype=dtype)
-        for begin in range(first, last, chunk):
-            end = min(begin + chunk, last)
-            rows = _span((rows_enter < end) & (rows_leave >= begin))
-            cols = _span((cols_enter < end) & (cols_leave >= begin))
-            if rows is None or cols is None:
-                continue
-            index = torch.arange(begin, end, device=device, dtype=dtype).view(-1, 1, 1, 1)
-            grid = torch.addcmul(start[rows, cols], index, step[rows, cols])  # (n, h', w', 2)
-            if past_detector is not None:  # samples past a ray's pixel read zero (outside [-1, 1])
-                past = index >= threshold[rows, cols] if past_detector[1] else index <= threshold[rows, cols]
-                grid = grid.masked_fill(past.expand_as(grid), 2.0)
-            samples = F.grid_sample(self._staged(stack, begin, end), grid, mode="bilinear", padding_mode="zeros",
-                                    align_corners=True)  # (n, B*C, h', w')
-            target = result[:, rows, cols]
-            if mode == "sum":
-                target += samples.sum(0)
-            else:
-                target.copy_(torch.maximum(target, samples.amax(0)))
+
+        def project_chunks(group: int) -> torch.Tensor:
+            """(B*C, h, w) sum or maximum over the chunks of one group: every _GROUPS-th chunk from the group's."""
+            partial = torch.full((stack.shape[1], height, width), empty, device=device, dtype=dtype)
+            for begin in range(first + group * chunk, last, _GROUPS * chunk):
+                end = min(begin + chunk, last)
+                rows = _span((rows_enter < end) & (rows_leave >= begin))
+                cols = _span((cols_enter < end) & (cols_leave >= begin))
+                if rows is None or cols is None:
+                    continue
+                index = torch.arange(begin, end, device=device, dtype=dtype).view(-1, 1, 1, 1)
+                grid = torch.addcmul(start[rows, cols], index, step[rows, cols])  # (n, h', w', 2)
+                if past_detector is not None:  # samples past a ray's pixel read zero (outside [-1, 1])
+                    past = index >= threshold[rows, cols] if past_detector[1] else index <= threshold[rows, cols]
+                    grid = grid.masked_fill(past.expand_as(grid), 2.0)
+                samples = F.grid_sample(self._staged(stack, begin, end), grid, mode="bilinear",
+                                        padding_mode="zeros", align_corners=True)  # (n, B*C, h', w')
+                target = partial[:, rows, cols]
+                if mode == "sum":
+                    target += samples.sum(0)
+                else:
+                    target.copy_(torch.maximum(target, samples.amax(0)))
+            return partial
+
+        groups = range(_GROUPS)
+        pool = self._worker_pool(device)
+        partials = list(pool.map(project_chunks, groups) if pool is not None else map(project_chunks, groups))
+        result = partials[0]
+        for partial in partials[1:]:  # in group order: the same sums whichever thread made them
+            result = result + partial if mode == "sum" else torch.maximum(result, partial)
         if mode == "max":  # a ray with a sample outside the stack read a zero there; one without samples is zero
             read_zero = torch.from_numpy((enter > first) | (leave < last - 1) | (last <= first)).to(device)
             result = torch.where(read_zero, result.clamp_min(0.0), result)
@@ -245,7 +308,7 @@ class SliceWarpProjector:
         return result
 
     def _staged(self, stack: torch.Tensor, begin: int, end: int) -> torch.Tensor:
-        """stack[begin:end]; on the CPU copied into a reused buffer first (not under autograd).
+        """stack[begin:end]; on the CPU copied into this thread's reused buffer first (not under autograd).
 
         grid_sample's gathers stall on memory that is not in cache, while a plain copy streams it in: sampling the
         copy takes half the time at slider geometry on the real chest CT (bench/RESULTS.md).
@@ -253,9 +316,20 @@ class SliceWarpProjector:
         chunk = stack[begin:end]
         if chunk.device.type != "cpu" or chunk.requires_grad:
             return chunk
-        if self._staging is None or self._staging.numel() < chunk.numel():
-            self._staging = torch.empty(chunk.numel(), dtype=chunk.dtype)
-        return self._staging[:chunk.numel()].view_as(chunk).copy_(chunk)
+        thread = threading.get_ident()
+        buffer = self._staging.get(thread)
+        if buffer is None or buffer.numel() < chunk.numel():
+            buffer = self._staging[thread] = torch.empty(chunk.numel(), dtype=chunk.dtype)
+        return buffer[:chunk.numel()].view_as(chunk).copy_(chunk)
+
+    def _worker_pool(self, device: torch.device) -> Optional[ThreadPoolExecutor]:
+        """The threads that project a region's chunk groups, or build stacks, side by side (CPU, `workers` > 1, no
+        autograd); None otherwise."""
+        if device.type != "cpu" or self.workers <= 1 or (torch.is_grad_enabled() and self.volume.requires_grad):
+            return None
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(min(self.workers, _GROUPS), thread_name_prefix="ct2x-projector")
+        return self._pool
 
     def _slabs_in_front_of_source(self, view: View, main: int, slab: int, n_slabs: int, o_main: np.ndarray,
                                   along: np.ndarray) -> Tuple[int, int]:
@@ -269,8 +343,8 @@ class SliceWarpProjector:
             return 0, 0
         return int(ahead[0]), int(ahead[-1]) + 1
 
-    def _slabs_past_detector(self, view: View, slab: int, o_main: np.ndarray, along: np.ndarray,
-                             direction_mm: np.ndarray) -> Optional[Tuple[np.ndarray, bool]]:
+    def _slabs_past_detector(self, view: View, slab: int, along: np.ndarray,
+                             pixels_main: np.ndarray) -> Optional[Tuple[np.ndarray, bool]]:
         """Per pixel, the slab index from which on (in the ray's direction) slab centres lie past the detector,
         and whether the ray runs towards increasing index; None when the whole volume is in front of the detector.
         """
@@ -278,24 +352,11 @@ class SliceWarpProjector:
         corners_ras = voxel_to_world(self.affine, corners)
         if np.max((corners_ras - view.detector_center_ras) @ view.principal_direction) <= 0:
             return None
-        # Every ray starts source_to_detector_mm before the detector plane (a parallel ray) or at the source.
-        ray_length_mm = view.source_to_detector_mm / (direction_mm @ view.principal_direction)  # (H, W) to pixel
-        t_detector = o_main + ray_length_mm * along  # (H, W) main index where each ray meets its pixel
-        last_inside = (t_detector - (slab - 1) / 2.0) / slab  # slab coordinate of the detector
+        last_inside = (pixels_main - (slab - 1) / 2.0) / slab  # (h, w) slab coordinate of each ray's pixel
         increasing = bool(along.flat[0] > 0)
         return (np.floor(last_inside) + 1 if increasing else np.ceil(last_inside) - 1), increasing
 
     # --- re-slicing -----------------------------------------------------------------------------------------
-    def _cached_slab(self, main: int, slab: int, pool_rows: int, pool_cols: int, mode: str) -> int:
-        """The longest cached slab length up to `slab` for this axis and filter; `slab` when none is cached.
-
-        Shorter slabs only drift less, so a cached one serves instead of a new re-slicing, which would stall a
-        slider sweep for a few hundred ms at each new length.
-        """
-        cached = [key[1] for key in self._stacks
-                  if key[0] == main and key[1] <= slab and key[2:] == (pool_rows, pool_cols, mode)]
-        return max(cached, default=slab)
-
     def _stack(self, main: int, slab: int, pool_rows: int, pool_cols: int, mode: str) -> torch.Tensor:
         """The volume re-sliced across `main` with these filter factors: (slabs, B*C, rows, cols), cached."""
         key = (main, slab, pool_rows, pool_cols, mode)
@@ -307,23 +368,44 @@ class SliceWarpProjector:
         return stack
 
     def _reslice(self, main: int, slab: int, pool_rows: int, pool_cols: int, mode: str) -> torch.Tensor:
-        """(B, C, K, J, I) -> (ceil(N/slab), B*C, rows, cols): slabs across `main`, box-filtered in-plane."""
-        batch, channels = self.volume.shape[:2]
-        row_dim, col_dim = _SLICE_LAYOUT[main][0]
-        slices = self.volume.permute(_MAIN_DIM[main], 0, 1, row_dim, col_dim)  # (N, B, C, rows, cols)
-        slices = slices.reshape(slices.shape[0], batch * channels, *slices.shape[3:])
-        if slab > 1:
-            n = slices.shape[0]
-            padded = math.ceil(n / slab) * slab
-            slices = F.pad(slices, (0, 0, 0, 0, 0, 0, 0, padded - n))
-            slices = slices.view(padded // slab, slab, *slices.shape[1:])
-            slices = slices.sum(1) if mode == "sum" else slices.amax(1)
-        if pool_rows > 1 or pool_cols > 1:
-            rows, cols = slices.shape[2:]
-            slices = F.pad(slices, (0, (-cols) % pool_cols, 0, (-rows) % pool_rows))
-            pool = F.avg_pool2d if mode == "sum" else F.max_pool2d
-            slices = pool(slices, (pool_rows, pool_cols))
-        return slices.contiguous()
+        """(B, C, K, J, I) -> (ceil(N/slab), B*C, rows, cols): slabs across `main`, box-filtered in-plane.
+
+        Slabs and box filter are one 3-D pooling in the volume's own layout, whose last window along an axis that
+        it does not divide counts the missing voxels as zeros; only the smaller result is transposed, the
+        expensive step when slices run along i.
+        """
+        volume = self.volume.reshape(-1, *self.volume.shape[2:])  # (B*C, K, J, I)
+        main_dim = _MAIN_DIM[main] - 1  # dims of (B*C, K, J, I)
+        row_dim, col_dim = (dim - 1 for dim in _SLICE_LAYOUT[main][0])
+        window = [1, 1, 1, 1]  # along B*C, K, J, I
+        window[main_dim], window[row_dim], window[col_dim] = slab, pool_rows, pool_cols
+        if window != [1, 1, 1, 1]:
+            pool = F.avg_pool3d if mode == "sum" else F.max_pool3d
+            volume = pool(volume[None], window[1:], ceil_mode=True)[0]  # (B*C, K', J', I')
+            for dim, (size, step) in enumerate(zip(self.volume.shape[2:], window[1:]), start=1):
+                if size % step == 0:
+                    continue
+                last = volume.narrow(dim, volume.shape[dim] - 1, 1)  # a short window: as if zeros filled it
+                if mode == "sum":
+                    last.mul_((size % step) / step)
+                else:
+                    last.clamp_(min=0.0)
+            if mode == "sum" and slab > 1:  # slab sums of in-plane means
+                volume = volume * slab
+        return volume.permute(main_dim, 0, row_dim, col_dim).contiguous()
+
+
+@contextmanager
+def single_threaded_ops(enabled: bool = True) -> Iterator[None]:
+    """Within the block, torch runs each CPU op on one thread (`torch.set_num_threads(1)`); restored after."""
+    previous = torch.get_num_threads()
+    if enabled:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if enabled:
+            torch.set_num_threads(previous)
 
 
 def _slabs_hitting_stack(starts: np.ndarray, steps: np.ndarray, n_rows: int, n_cols: int,
@@ -348,6 +430,11 @@ def _slabs_hitting_stack(starts: np.ndarray, steps: np.ndarray, n_rows: int, n_c
     if mask is not None:
         enter[~mask], leave[~mask] = big, -big
     return enter, leave
+
+
+def _largest(values: np.ndarray, mask: Optional[np.ndarray]) -> float:
+    """max |values| over the pixels where `mask` is True (all pixels when it is None)."""
+    return float(np.abs(values if mask is None else values[mask]).max())
 
 
 def _span(flags: np.ndarray) -> Optional[slice]:
