@@ -25,6 +25,7 @@ from ct2x.synthesize import load_synth_model
 CURVES = (("g_reconstruction", "reconstruction (eq. 8, MAE x 10)"), ("g_adversarial", "generator adversarial"),
           ("d_adversarial", "discriminator adversarial"))
 SMOOTHING = 5  # running mean over this many logged values
+ZOOM = 2  # grid pixels per film pixel
 
 
 def parse_runs(pairs: List[str]) -> Dict[str, Path]:
@@ -70,6 +71,7 @@ def draw_grid(runs: Dict[str, Path], data: Path, case_name: str, split: str, out
     rows.append(style)
     sheet = np.concatenate([np.concatenate([np.pad(film, ((0, gap_px), (0, gap_px))) for film in row], axis=1)
                             for row in rows], axis=0)
+    sheet = np.kron(sheet, np.ones((ZOOM, ZOOM)))  # each pixel ZOOM x ZOOM, so 64^2 films stay readable
     save_png((np.clip(sheet, 0, 1) * 255).round().astype(np.uint8), out)
 
 
