@@ -106,7 +106,8 @@ def test_film_is_the_exact_spectrum_sum_to_the_table_tolerance(chest_renderer):
 
 
 def test_a_view_renders_the_same_film_on_a_fresh_and_a_used_renderer(chest):
-    """Neither the views rendered before (the projector's cached slabs) nor the thread count change a film."""
+    """Neither the views rendered before (the projector's cached slabs), the thread count nor preparing a sweep up
+    front change a film."""
     used = DRRRenderer(chest, WIDE_CARM, window=(0.0, 5.0))
     for primary, secondary in ((45, 0), (0, 40), (80, -30)):
         used.render(primary, secondary)
@@ -116,9 +117,11 @@ def test_a_view_renders_the_same_film_on_a_fresh_and_a_used_renderer(chest):
         fresh = DRRRenderer(chest, WIDE_CARM, window=(0.0, 5.0))  # one worker, where `used` has torch's threads
     finally:
         torch.set_num_threads(threads)
+    unprepared = DRRRenderer(chest, WIDE_CARM, window=(0.0, 5.0), sweep=False)
     for primary, secondary in ((20, 0), (20, 25), (0, 0)):
-        np.testing.assert_array_equal(used.render(primary, secondary).attenuation,
-                                      fresh.render(primary, secondary).attenuation)
+        film = used.render(primary, secondary).attenuation
+        np.testing.assert_array_equal(film, fresh.render(primary, secondary).attenuation)
+        np.testing.assert_array_equal(film, unprepared.render(primary, secondary).attenuation)
     assert torch.get_num_threads() == threads  # rendering runs single-threaded ops and restores the setting
 
 

@@ -173,7 +173,7 @@ def prepare_case(path: Path, settings: SynthPreparation) -> Dict[str, np.ndarray
 def render_poses(cube: CTVolume, settings: SynthPreparation, angles_deg: Sequence[float]) -> Dict[str, np.ndarray]:
     """The case file's `labels`, `drr`, `drr_max` and `mips` of `cube` at these primary C-arm angles (degrees,
     secondary 0) about the cube's centre: what preparation stores and what a trainer renders at new poses."""
-    renderer = DRRRenderer(cube, settings.carm(settings.film_px), Physics(spectrum=settings.spectrum))
+    renderer = DRRRenderer(cube, settings.carm(settings.film_px), Physics(spectrum=settings.spectrum), sweep=False)
     views = [renderer.view(angle) for angle in angles_deg]
     attenuation = np.stack([renderer.render_view(view).attenuation for view in views])  # (P, F, F) -ln(I / I_open)
     drr_max = attenuation.max(axis=(1, 2))  # (P,)

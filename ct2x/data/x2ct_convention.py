@@ -82,7 +82,7 @@ def ct_films(volume: CTVolume, cube_mm: float = CUBE_MM, film_px: int = FILM_PX)
 def physics_films(cube: CTVolume, physics: Physics, film_px: int = FILM_PX, carm: CArm = OFFICIAL_CARM,
                   angles_deg: Tuple[float, float] = (PA_DEG, LATERAL_DEG)) -> Tuple[np.ndarray, np.ndarray]:
     """(PA, lateral) films with polychromatic physics and noise (`ct2x.drr`), normalised like the official ones."""
-    renderer = DRRRenderer(cube, carm, physics)
+    renderer = DRRRenderer(cube, carm, physics, sweep=False)
     return tuple(normalise_film(torch.from_numpy(renderer.render(angle).attenuation), film_px)
                  for angle in angles_deg)
 
