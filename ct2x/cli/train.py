@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 from ct2x.errors import CT2XInputError
@@ -133,12 +132,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _prepared_settings(args: argparse.Namespace) -> dict:
     """The `preparation.json` settings of --data."""
-    from ct2x.data.preparation import SETTINGS_FILE
+    from ct2x.data.preparation import SETTINGS_FILE, prepared_settings
 
-    settings_file = Path(args.data).expanduser() / SETTINGS_FILE
-    if not settings_file.exists():
+    folder = Path(args.data).expanduser()
+    if not (folder / SETTINGS_FILE).exists():
         raise CT2XInputError(f"--data {args.data}: no {SETTINGS_FILE}; prepare it with `ct2x prepare {args.task}`")
-    prepared = json.loads(settings_file.read_text(encoding="utf-8"))["settings"]
+    prepared = prepared_settings(folder)
     if ("mip_px" in prepared) != (args.task == "synth"):  # only `prepare synth` makes pose MIPs
         raise CT2XInputError(f"--data {args.data}: not a folder of `ct2x prepare {args.task}`")
     return prepared

@@ -77,6 +77,11 @@ def _holds_dicom(folder: Path) -> bool:
     return any(p.suffix.lower() == ".dcm" or (p.stat().st_size > 132 and has_dicom_preamble(p)) for p in files)
 
 
+def prepared_settings(root: PathLike) -> dict:
+    """The settings a prepared folder was made with (its `preparation.json`)."""
+    return json.loads((Path(root) / SETTINGS_FILE).read_text(encoding="utf-8"))["settings"]
+
+
 def open_folder(out: Path, created_by: str, settings: dict, sections: Sequence[str],
                 folders: Sequence[str]) -> dict:
     """The folder's manifest, new (with `sections`, each an empty mapping, and the item `folders` made) or resumed;

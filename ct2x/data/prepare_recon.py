@@ -36,7 +36,6 @@ from ct2x.data.preparation import (
     read_npz,
     stored_hu,
 )
-from ct2x.data.preparation import SETTINGS_FILE as SETTINGS_FILE  # re-exported: ct2x.train reads it from here
 from ct2x.errors import CT2XInputError, CT2XWarning
 
 

@@ -16,7 +16,6 @@ the stored poses' range rather than at the stored pose, its DRR, MIP and label m
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Union
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 
 from ct2x.data.ct_motion import CTMotion
-from ct2x.data.preparation import SETTINGS_FILE
+from ct2x.data.preparation import prepared_settings
 from ct2x.data.prepare_synth import SynthPreparation, case_paths, film_paths, load_case, load_film, render_poses
 from ct2x.errors import CT2XInputError
 from ct2x.preprocess import x2ct_normalize
@@ -55,8 +54,7 @@ class SynthDataset(torch.utils.data.Dataset):
         for name, paths in (("cases", self.paths), ("films", self.film_paths)):
             if not paths:
                 raise CT2XInputError(f"{root}: no {split or ''} {name}; prepare more or check the split")
-        self.settings = SynthPreparation(**json.loads((Path(root) / SETTINGS_FILE).read_text(encoding="utf-8"))[
-            "settings"])
+        self.settings = SynthPreparation(**prepared_settings(root))
         self.poses = len(self.settings.angles_deg)
         self.augmentation = augmentation
         self.seed = seed

@@ -4,7 +4,6 @@ reads. Without a discriminator (gan_weight 0: X2CT-GAN without its GAN loss) a s
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 
 from ct2x import __version__
+from ct2x.data.preparation import prepared_settings
 from ct2x.data.recon_dataset import ReconAugmentation, ReconDataset
 from ct2x.models import ModelInfo
 from ct2x.nets.losses import (
@@ -116,10 +116,8 @@ class ReconGAN:
 
     def model_info(self, steps: int, cases: int) -> ModelInfo:
         """The model file's metadata after `steps` steps on `cases` training cases."""
-        from ct2x.data.prepare_recon import SETTINGS_FILE
-
         config, recipe = self.config, self.config.recipe
-        prepared = json.loads((Path(config.data) / SETTINGS_FILE).read_text(encoding="utf-8"))["settings"]
+        prepared = prepared_settings(config.data)
         return ModelInfo(
             kind=recipe["generator"],
             config=network_config(getattr(self.generator, "module", self.generator), config.generator_config),

@@ -15,7 +15,6 @@ over the processes (`ct2x.train.distributed`).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from ct2x import __version__
+from ct2x.data.preparation import prepared_settings
 from ct2x.data.synth_dataset import SynthAugmentation, SynthDataset
 from ct2x.models import ModelInfo
 from ct2x.nets.ct2x_gan_losses import CT2XGANBatch, CT2XGANLoss, CT2XGANLossConfig, Perceptual
@@ -112,12 +112,11 @@ class SynthGAN:
     def model_info(self, steps: int, cases: int) -> ModelInfo:
         """The model file's metadata (`ct2x.synthesize.model_conventions` of the folder's preparation) after `steps`
         steps on `cases` training samples."""
-        from ct2x.data.preparation import SETTINGS_FILE
         from ct2x.data.prepare_synth import SynthPreparation
         from ct2x.synthesize import model_conventions
 
         config, recipe = self.config, self.config.recipe
-        prepared = json.loads((Path(config.data) / SETTINGS_FILE).read_text(encoding="utf-8"))["settings"]
+        prepared = prepared_settings(config.data)
         return ModelInfo(
             kind=recipe["generator"], config=network_config(self.generator, config.generator_config),
             license="Apache-2.0", description=f"{config.model} trained by ct2x {__version__} for {steps} steps",
