@@ -104,6 +104,17 @@ def test_a_step_lowers_the_reconstruction_loss_on_a_fixed_batch(prepared):
     assert after.item() < first["g_reconstruction"]
 
 
+def test_lazy_r1_steps_log_their_terms_in_their_own_columns(prepared, tmp_path):
+    config = tiny_config(prepared, loss_config={**NO_LPIPS, "r1_interval": 2}, sample_every=5)
+    Trainer(config, tmp_path, torch.device("cpu")).run(progress=False)
+    rows = list(csv.DictReader((tmp_path / "log.csv").open()))
+    assert [row["d_r1"] == "nan" for row in rows] == [False, True, False]  # R1 after 0 and 2 steps done
+    for row in rows:
+        assert float(row["d_total"]) == float(row["d_total"])  # a number, never the NaN of a step without R1
+        if row["d_r1"] != "nan":
+            assert float(row["d_r1"]) >= 0
+
+
 def test_run_files_model_and_exact_resume(prepared, tmp_path, monkeypatch):
     torch.manual_seed(0)
     config, whole, stopped = tiny_config(prepared, augment=True), tmp_path / "whole", tmp_path / "stopped"

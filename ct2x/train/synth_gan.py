@@ -95,9 +95,9 @@ class SynthGAN:
         discriminator_terms["total"].backward()
         average_gradients(self.discriminator)
         self.discriminator_optimizer.step()
-        return {**{f"g_{name}": value.item() for name, value in generator_terms.items()},
-                **{f"d_{name}": value.item() for name, value in discriminator_terms.items()},
-                "d_r1": discriminator_terms["r1"].item() if "r1" in discriminator_terms else float("nan")}
+        return {"d_r1": float("nan"),  # replaced below on the steps with R1
+                **{f"g_{name}": value.item() for name, value in generator_terms.items()},
+                **{f"d_{name}": value.item() for name, value in discriminator_terms.items()}}
 
     def sample_picture(self, batch: Dict[str, torch.Tensor], device: torch.device) -> np.ndarray:
         """uint8 films of the batch's first sample side by side: DRR | DRR-style synthesis | X-ray-style synthesis |
