@@ -175,7 +175,9 @@ class DRRRenderer:
                 channels = torch.einsum("m,mkji->kji", mu_rho, densities)[None]  # (1, K, J, I) 1/cm
             else:
                 channels = densities
-            self.projector = SliceWarpProjector(channels[None], affine, workers=workers)  # (1, C, K, J, I)
+            # Straight slabs only, so that the sweep's preparation below covers every angle in between (and the
+            # films of a renderer without it are the same).
+            self.projector = SliceWarpProjector(channels[None], affine, workers=workers, shear=False)  # (1, C, K, J, I)
             if sweep:  # every slab a primary-angle sweep needs, so that dragging the slider never stops to re-slice
                 self.projector.prepare([self.view(*angles) for angles in FIT_SWEEP_DEG], sweep=True)
         self.preparation_seconds = time.perf_counter() - start
