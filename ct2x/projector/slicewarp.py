@@ -194,15 +194,14 @@ class SliceWarpProjector:
                 # Straight slabs, or slabs sheared along the rays' middle slope (to the nearest SHEAR_STEP), so
                 # that only the rays' spread about it limits the slab length, not their common slant. A shear costs
                 # an interpolation of each slice, so it is taken only where it at least doubles the slab length.
-                shear_rows, drift_rows = _shear_and_drift(slope[..., row_axis], mask, pool_rows)
-                shear_cols, drift_cols = _shear_and_drift(slope[..., col_axis], mask, pool_cols)
-                sheared = self._slab_length(max(drift_rows, drift_cols), main)
                 slab = self._slab_length(max(_largest(slope[..., row_axis], mask) / pool_rows,
                                              _largest(slope[..., col_axis], mask) / pool_cols), main)
-                if self.shear and sheared >= 2 * slab:
-                    slab = sheared
-                else:
-                    shear_rows = shear_cols = 0
+                if self.shear:
+                    rows_shear, drift_rows = _shear_and_drift(slope[..., row_axis], mask, pool_rows)
+                    cols_shear, drift_cols = _shear_and_drift(slope[..., col_axis], mask, pool_cols)
+                    sheared = self._slab_length(max(drift_rows, drift_cols), main)
+                    if sheared >= 2 * slab:
+                        slab, shear_rows, shear_cols = sheared, rows_shear, cols_shear
             origins = origins_vox if origins_vox.shape[:2] == (1, 1) else origins_vox[rows, cols]
             plans.append(_RayPlan(main, slab, pool_rows, pool_cols, shear_rows, shear_cols, rows, cols, mask,
                                   origins, pixels_vox[rows, cols, main], along, slope))
