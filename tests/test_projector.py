@@ -255,6 +255,9 @@ def test_workers_give_the_same_image_and_restore_torch_threads(sphere):
     assert torch.equal(shared.project(views), alone)
     assert torch.get_num_threads() == threads
     assert torch.equal(shared.project(views, "max"), SliceWarpProjector(volume, affine).project(views, "max"))
+    channels = torch.cat([volume, 2 * volume, volume.flip(2)], dim=1)  # each stack built in parts by channel
+    assert torch.equal(SliceWarpProjector(channels, affine, workers=2).project(views),
+                       SliceWarpProjector(channels, affine).project(views))
 
 
 @pytest.mark.parametrize("mode", ["sum", "max"])
