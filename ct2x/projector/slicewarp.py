@@ -397,19 +397,9 @@ class SliceWarpProjector:
     # --- re-slicing -----------------------------------------------------------------------------------------
     def _build(self, keys: Set[Tuple], pool: Optional[ThreadPoolExecutor]) -> None:
         """Re-slice and cache the stacks of these keys (`_stack`'s arguments) that are not cached yet; with a pool,
-        the workers share them out, each stack in as many parts of its B*C channels as there are workers."""
+        the workers share them out."""
         missing = sorted(set(keys) - set(self._stacks))
-        if pool is None or (torch.is_grad_enabled() and self.volume.requires_grad):
-            for key in missing:
-                self._stack(*key)
-            return
-        n_channels = self.volume.shape[0] * self.volume.shape[1]
-        bounds = np.linspace(0, n_channels, min(self.workers, n_channels) + 1).round().astype(int)
-        parts = [(key, slice(low, high)) for key in missing for low, high in zip(bounds[:-1], bounds[1:])]
-        built = list(pool.map(lambda part: self._reslice(*part[0], channels=part[1]), parts))
-        for index, key in enumerate(missing):
-            pieces = built[index * (len(bounds) - 1):(index + 1) * (len(bounds) - 1)]
-            self._stacks[key] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+        list((pool.map if pool is not None else map)(lambda key: self._stack(*key), missing))
 
     def _stack(self, main: int, slab: int, pool_rows: int, pool_cols: int, shear_rows: int, shear_cols: int,
                mode: str) -> torch.Tensor:
@@ -424,18 +414,17 @@ class SliceWarpProjector:
         return stack
 
     def _reslice(self, main: int, slab: int, pool_rows: int, pool_cols: int, shear_rows: int = 0,
-                 shear_cols: int = 0, mode: str = "sum", channels: slice = slice(None)) -> torch.Tensor:
+                 shear_cols: int = 0, mode: str = "sum") -> torch.Tensor:
         """(B, C, K, J, I) -> (ceil(N/slab), B*C, rows, cols): sheared slabs across `main`, box-filtered in-plane.
 
         Slice t of a slab is shifted in-plane by its offset from the slab's centre along the shear (linear between
         the two nearest whole voxels) and the slab is the sum (or maximum) of its shifted slices, so that it follows
         a slanted ray. The plane is padded by the largest shift on each side, and with zeros to whole filter windows;
-        missing slices of the last slab and everything outside the volume count as zeros. `channels`: those of the
-        B*C channels only.
+        missing slices of the last slab and everything outside the volume count as zeros.
         """
         if shear_rows == shear_cols == 0:
-            return self._reslice_straight(main, slab, pool_rows, pool_cols, mode, channels)
-        volume = self.volume.reshape(-1, *self.volume.shape[2:])[channels]  # (B*C, K, J, I)
+            return self._reslice_straight(main, slab, pool_rows, pool_cols, mode)
+        volume = self.volume.reshape(-1, *self.volume.shape[2:])  # (B*C, K, J, I)
         main_dim = _MAIN_DIM[main] - 1  # dims of (B*C, K, J, I)
         row_dim, col_dim = (dim - 1 for dim in _SLICE_LAYOUT[main][0])
         length, rows, cols = volume.shape[main_dim], volume.shape[row_dim], volume.shape[col_dim]
@@ -464,13 +453,12 @@ class SliceWarpProjector:
             slabs = (F.avg_pool2d if mode == "sum" else F.max_pool2d)(slabs, (pool_rows, pool_cols))
         return slabs
 
-    def _reslice_straight(self, main: int, slab: int, pool_rows: int, pool_cols: int, mode: str,
-                          channels: slice = slice(None)) -> torch.Tensor:
+    def _reslice_straight(self, main: int, slab: int, pool_rows: int, pool_cols: int, mode: str) -> torch.Tensor:
         """`_reslice` without a shear: slabs and box filter are one 3-D pooling in the volume's own layout, whose last
         window along an axis that it does not divide counts the missing voxels as zeros; only the smaller result is
         transposed, the expensive step when slices run along i.
         """
-        volume = self.volume.reshape(-1, *self.volume.shape[2:])[channels]  # (B*C, K, J, I)
+        volume = self.volume.reshape(-1, *self.volume.shape[2:])  # (B*C, K, J, I)
         main_dim = _MAIN_DIM[main] - 1  # dims of (B*C, K, J, I)
         row_dim, col_dim = (dim - 1 for dim in _SLICE_LAYOUT[main][0])
         window = [1, 1, 1, 1]  # along B*C, K, J, I
