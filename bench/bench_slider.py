@@ -11,6 +11,7 @@ median of repeats. A second table does the same for the vertical angle (C-arm ti
 that keeps one core busy, as another program on a desktop would) and prints the ratios busy / quiet.
 
     python bench/bench_slider.py [--data-dir ../shared/data] [--repeats 5] [--step 15] [--threads 2] [--busy]
+                                 [--device cuda]
 """
 
 from __future__ import annotations
@@ -54,11 +55,12 @@ def drag_ms(renderer: DRRRenderer, views: list) -> list:
     return times
 
 
-def measure(volume, carm: CArm, physics: Physics, angles: List[float], repeats: int) -> Dict[str, object]:
+def measure(volume, carm: CArm, physics: Physics, angles: List[float], repeats: int,
+            device: str = "cpu") -> Dict[str, object]:
     """Every figure of one row of both tables (ms), and the foreign CPU share (%) while they were taken."""
     before = cpu_snapshot()
     start = time.perf_counter()
-    renderer = DRRRenderer(volume, carm, physics)
+    renderer = DRRRenderer(volume, carm, physics, device=device)  # a film comes back as numpy: synchronised
     radiograph_to_vtk(renderer.render(0.0))
     first = (time.perf_counter() - start) * 1e3
     drag = drag_ms(renderer, [(float(a), 0.0) for a in range(-90, 91)])
@@ -124,6 +126,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2,
                         help="torch threads; the renderer projects with as many single-threaded workers")
     parser.add_argument("--busy", action="store_true", help="run again beside one competing busy process")
+    parser.add_argument("--device", default="cpu", help="where the renderer projects: cpu (default) or cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -131,9 +134,10 @@ def main() -> None:
     carm = CArm()
     carm = carm.with_detector(256, fitted_detector_spacing_mm(volume, carm, 256))
     angles = [-90.0 + i * args.step for i in range(int(180 / args.step) + 1)]
-    facts = machine_facts("cpu")
+    facts = machine_facts(args.device)
     print(f"Machine: {facts['cpu']}, {facts['cores']} cores (flags: {', '.join(facts['cpu_flags']) or 'none of note'}),"
-          f" {facts['memory_gib']:.1f} GiB, Python {facts['python']}, torch {facts['torch']}, {args.threads} threads")
+          f" {facts['memory_gib']:.1f} GiB, Python {facts['python']}, torch {facts['torch']}, {args.threads} threads"
+          + (f", GPU {facts['gpu']} (CUDA {facts['cuda']})" if "gpu" in facts else "") + f"; device {args.device}")
     print(f"chest CT {volume.hu.shape[::-1]} voxels, 256^2 detector at {carm.detector.pixel_spacing_mm[0]:.2f} mm, "
           f"median of {args.repeats} after a warm-up\n")
     runs = [("without a competing process", contextlib.nullcontext())]
@@ -143,7 +147,7 @@ def main() -> None:
     for name, context in runs:
         load_before = load_average()
         with context:
-            results[name] = {label: measure(volume, carm, physics, angles, args.repeats)
+            results[name] = {label: measure(volume, carm, physics, angles, args.repeats, args.device)
                              for label, physics in PHYSICS.items()}
         print(f"### {name} (load average {load_before or 0:.2f} -> {load_average() or 0:.2f}; foreign CPU: the "
               "share of the machine other processes used while timing)\n")
