@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_train import ctrl_c_at_the_third_step
 
 from ct2x import phantoms
@@ -20,6 +21,7 @@ from ct2x.data.prepare_synth import SynthPreparation, load_case, prepare_synth
 from ct2x.data.synth_dataset import SynthAugmentation, SynthDataset
 from ct2x.io import save_ct, save_png
 from ct2x.models import build_network
+from ct2x.models import load as load_model
 from ct2x.nets.ct2x_gan import PRESETS
 from ct2x.nets.ct2x_gan_discriminator import PoseDiscriminatorConfig
 from ct2x.synthesize import Synthesizer
@@ -138,6 +140,41 @@ def test_run_files_model_and_exact_resume(prepared, tmp_path, monkeypatch):
     assert [row["step"] for row in resumed] == ["1", "2", "3"]
     for key in set(rows[2]) - {"seconds"}:
         assert resumed[2][key] == rows[2][key]  # the step after resuming equals the uninterrupted run's
+
+
+def test_the_model_file_holds_the_moving_average_of_the_generator(prepared, tmp_path, monkeypatch):
+    """With `ema_decay` the trainer averages the generator's weights after every step (ema <- d ema + (1 - d) w),
+    writes the average as the model, and keeps it through a resume."""
+    torch.manual_seed(0)
+    config = tiny_config(prepared, ema_decay=0.25)
+    after_each_step, real_step = [], SynthGAN.step
+
+    def recorded_step(self, batch, device, done):
+        losses = real_step(self, batch, device, done)
+        after_each_step.append({name: value.detach().clone() for name, value in self.generator.named_parameters()})
+        return losses
+
+    monkeypatch.setattr(SynthGAN, "step", recorded_step)
+    (tmp_path / "whole").mkdir()
+    trainer = Trainer(config, tmp_path / "whole", torch.device("cpu"))
+    expected = {name: value.detach().clone() for name, value in trainer.generator.named_parameters()}
+    trainer.run(progress=False)
+    monkeypatch.setattr(SynthGAN, "step", real_step)
+    for weights in after_each_step:
+        expected = {name: 0.25 * expected[name] + 0.75 * weights[name] for name in expected}
+    written = load_file(str(tmp_path / "whole" / "model.safetensors"))
+    for name, value in expected.items():
+        torch.testing.assert_close(written[name], value)
+    assert any(not torch.equal(written[name], after_each_step[-1][name]) for name in expected)  # not the last
+    assert "EMA" in load_model(tmp_path / "whole" / "model.safetensors").info.description
+
+    (tmp_path / "stopped").mkdir()
+    with ctrl_c_at_the_third_step(monkeypatch, SynthGAN):
+        Trainer(config, tmp_path / "stopped", torch.device("cpu")).run(progress=False)
+    Trainer(config, tmp_path / "stopped", torch.device("cpu"), resume=True).run(progress=False)
+    resumed = load_file(str(tmp_path / "stopped" / "model.safetensors"))
+    for name in expected:
+        torch.testing.assert_close(resumed[name], written[name], rtol=0, atol=0)
 
 
 TWO_PROCESS_RUN = """

@@ -70,6 +70,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="synth only: ablation without the content and style consistency losses")
     parser.add_argument("--no-augment", action="store_true",
                         help="train on the stored films only (no CT motion; synth: no poses between the stored ones)")
+    parser.add_argument("--ema-decay", type=float, default=0.0, metavar="D",
+                        help="keep an exponential moving average of the generator's weights, decay D per step, and "
+                             "write it as the model (e.g. 0.993: a half-life of 100 steps; default 0, none)")
     parser.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes (default %(default)s)")
     parser.add_argument("--checkpoint-every", type=int, default=200, metavar="N", help="(default %(default)s)")
@@ -119,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=defaults["batch_size"] if args.batch_size is None else args.batch_size,
             learning_rate=defaults["learning_rate"] if args.learning_rate is None else args.learning_rate,
             betas=defaults["betas"], seed=args.seed, workers=args.workers, checkpoint_every=args.checkpoint_every,
-            sample_every=args.sample_every, **settings)
+            sample_every=args.sample_every, ema_decay=args.ema_decay, **settings)
         if first_process:
             run_dir.mkdir(parents=True, exist_ok=True)
             config.save(run_dir / CONFIG_FILE)

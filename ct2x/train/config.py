@@ -64,6 +64,9 @@ class TrainConfig:
     log_every: int = 10
     sample_every: int = 100  # PNG of the objective's sample picture
     checkpoint_every: int = 200
+    # Exponential moving average of the generator's weights (StyleGAN2's G_ema; 0 = none): after every step
+    # ema = ema_decay * ema + (1 - ema_decay) * weights; the model file then holds the average.
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.model not in RECIPES:
@@ -73,6 +76,8 @@ class TrainConfig:
                 raise CT2XInputError(f"{name}={getattr(self, name)!r}: must be a whole number, at least 1")
         if not 0 <= self.decay_steps <= self.steps:
             raise CT2XInputError(f"decay_steps={self.decay_steps}: must lie between 0 and steps ({self.steps})")
+        if not 0 <= self.ema_decay < 1:
+            raise CT2XInputError(f"ema_decay={self.ema_decay!r}: must lie in [0, 1) (0: no average)")
         if not self.learning_rate > 0:
             raise CT2XInputError(f"learning_rate={self.learning_rate}: must be positive")
         for name in ("gan_weight", "voxel_weight", "projection_weight"):

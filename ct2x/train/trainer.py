@@ -5,7 +5,8 @@ A run folder holds `config.json` (every setting), `log.csv` (losses and learning
 events when the `tensorboard` package is installed, `samples/step_NNNNNN.png` (the objective's sample picture: for
 X-ray -> CT mid slices, true above and predicted below), `checkpoint.pt` (written atomically every `checkpoint_every`
 steps and at the end) and, at the end, `model.safetensors` (the generator as a CT2X model file, `ct2x.models`, with
-the metadata the objective gives). The objective (RECIPES' "objective") builds the training set and decides whether
+the metadata the objective gives; with `ema_decay` the moving average of its weights, which the trainer keeps beside
+it whatever the network). The objective (RECIPES' "objective") builds the training set and decides whether
 a discriminator is trained: X2CT's with `gan_weight` 0 builds, trains and checkpoints none.
 
 Resuming continues exactly: the checkpoint holds the networks, optimisers, random-number state and the position in
@@ -14,7 +15,9 @@ the seeded data order, so with a fixed seed the next step's losses equal those o
 
 from __future__ import annotations
 
+import copy
 import csv
+import dataclasses
 import os
 import sys
 import time
@@ -55,6 +58,7 @@ class Trainer:
                 self.discriminator = wrap(self.discriminator, ids)
         self.objective = objective.for_run(self.generator, self.discriminator, config)
         self.dataset = objective.training_set(config)
+        self.generator_ema = _WeightAverage(_unwrap(self.generator), config.ema_decay) if config.ema_decay else None
         self.step = 0  # generator updates done, one batch each
         if resume:
             self._load_checkpoint()
@@ -77,6 +81,8 @@ class Trainer:
             self.objective.set_learning_rate(config.learning_rate_at(self.step))
             with autocast:
                 losses = self.objective.step(batch, self.device, self.step)
+            if self.generator_ema is not None:
+                self.generator_ema.update(_unwrap(self.generator))
             self.step += 1
             bar.update(1)
             bar.set_postfix({key: f"{losses[name]:.3f}" for key, name in (("g", "g_total"), ("d", "d_total"))
@@ -122,6 +128,8 @@ class Trainer:
         networks = {"generator": _unwrap(self.generator).state_dict()}
         if self.discriminator is not None:
             networks["discriminator"] = _unwrap(self.discriminator).state_dict()
+        if self.generator_ema is not None:
+            networks["generator_ema"] = self.generator_ema.network.state_dict()
         state = {"step": self.step, "config": self.config.to_dict(), **networks,
                  **self.objective.optimizer_states(), "torch_rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -139,6 +147,8 @@ class Trainer:
         _unwrap(self.generator).load_state_dict(state["generator"])
         if self.discriminator is not None:
             _unwrap(self.discriminator).load_state_dict(state["discriminator"])
+        if self.generator_ema is not None:
+            self.generator_ema.network.load_state_dict(state["generator_ema"])
         self.objective.load_optimizer_states(state)
         torch.set_rng_state(state["torch_rng"].cpu())
         if state["cuda_rng"]:
@@ -155,7 +165,27 @@ class Trainer:
 
     def _save_model(self) -> None:
         info = self.objective.model_info(self.step, len(self.dataset))
-        save_model(self.run_dir / MODEL, _unwrap(self.generator), info)
+        if self.generator_ema is not None:
+            info = dataclasses.replace(info, description=f"{info.description}, weights averaged (EMA, decay "
+                                                         f"{self.config.ema_decay} per step)")
+        network = _unwrap(self.generator) if self.generator_ema is None else self.generator_ema.network
+        save_model(self.run_dir / MODEL, network, info)
+
+
+class _WeightAverage:
+    """An exponential moving average of a network's weights, in a copy of it; buffers (BatchNorm statistics) are
+    the network's latest."""
+
+    def __init__(self, network: torch.nn.Module, decay: float):
+        self.network = copy.deepcopy(network).eval().requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, network: torch.nn.Module) -> None:
+        for average, weight in zip(self.network.parameters(), network.parameters()):
+            average.lerp_(weight.detach().to(average.dtype), 1.0 - self.decay)
+        for average, buffer in zip(self.network.buffers(), network.buffers()):
+            average.copy_(buffer)
 
 
 def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
