@@ -253,7 +253,8 @@ class Synthesizer:
             self._generator.set_ct(self._encode(values, report))
             self._projector = None
             if self.config.pose_attention:
-                # Every slab a sweep over the preparation's angles needs, so that the slider never stops to re-slice.
+                # The re-slicings of a sweep over the preparation's angles; a sheared one that only some view in
+                # between needs is built when first met (a few ms on a 128^3 cube).
                 self._projector = SliceWarpProjector(values, self.cube.affine)
                 self._projector.prepare([self.mip_view(angle) for angle in self.preparation.angles_deg], mode="max",
                                         sweep=True)

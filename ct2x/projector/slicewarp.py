@@ -141,13 +141,8 @@ class SliceWarpProjector:
         """Every volume at every view -> (B, P, C, H, W): line integrals (value x mm) or maxima along rays."""
         if mode not in MODES:
             raise CT2XInputError(f"projection mode {mode!r} is unknown; use one of {MODES}")
-        pool = self._worker_pool(self.volume.device)
-        with single_threaded_ops(pool is not None):
-            plans = [self._plans(view) for view in views]
-            if pool is not None:  # the re-slicings these views still need, built side by side
-                self._build({plan.stack_key + (mode,) for view_plans in plans for plan in view_plans}, pool)
-            return torch.stack([self._project_view(view, view_plans, mode)
-                                for view, view_plans in zip(views, plans)], dim=1)
+        with single_threaded_ops(self._worker_pool(self.volume.device) is not None):
+            return torch.stack([self._project_view(view, mode) for view in views], dim=1)
 
     def prepare(self, views: Sequence[View], mode: str = "sum", sweep: bool = False) -> None:
         """Build (and cache) the re-sliced volumes these views need, so that later calls pay only for warps.
@@ -252,10 +247,14 @@ class SliceWarpProjector:
         factor = int(math.floor(pitch_mm / self.spacing_mm[axis] + 1e-6))
         return max(1, min(factor, int(self.shape_ijk[axis]) // 2))
 
-    def _project_view(self, view: View, plans: List[_RayPlan], mode: str) -> torch.Tensor:
-        """(B, C, H, W) projection of every volume at one view, by its plans."""
+    def _project_view(self, view: View, mode: str) -> torch.Tensor:
+        """(B, C, H, W) projection of every volume at one view."""
         batch, channels = self.volume.shape[:2]
         height, width = view.detector.shape
+        plans = self._plans(view)
+        pool = self._worker_pool(self.volume.device)
+        if pool is not None:  # the re-slicings the view still needs, built side by side
+            self._build({plan.stack_key + (mode,) for plan in plans}, pool)
         result = None
         for plan in plans:
             part = self._project_region(view, plan, mode)  # (B*C, h, w)
