@@ -206,6 +206,64 @@ def test_reslicing_pads_short_windows_with_zeros(mode):
         torch.testing.assert_close(projector._reslice(main, slab, pool_rows, pool_cols, mode=mode), expected)
 
 
+@pytest.mark.parametrize("mode", ["sum", "max"])
+def test_even_slabs_are_merged_from_half_their_length_as_if_resliced(mode):
+    """With `merge_slabs`, a straight stack of an even slab length above 2 comes from the stack of half its length
+    (pairs of neighbours summed or maximised, a short last pair padded with zeros), and equals the stack re-sliced
+    from the volume, for every main axis and lengths that the slabs divide or not; negative values too, so that a
+    short pair's zero shows in max. Without it every stack is re-sliced."""
+    volume = torch.from_numpy(np.random.default_rng(3).standard_normal((1, 2, 7, 9, 12)))  # (B, C, K, J, I)
+    projector = SliceWarpProjector(volume, np.eye(4), merge_slabs=True)
+    for main, slab, pool_rows, pool_cols in ((0, 4, 2, 3), (0, 8, 1, 1), (1, 4, 2, 2), (1, 8, 1, 2), (2, 4, 3, 1),
+                                             (2, 6, 1, 1), (0, 6, 1, 2)):
+        half = (main, slab // 2, pool_rows, pool_cols, 0, 0, mode)
+        assert projector._merged_from((main, slab, pool_rows, pool_cols, 0, 0, mode)) == half
+        merged = projector._stack(main, slab, pool_rows, pool_cols, 0, 0, mode)
+        torch.testing.assert_close(merged, projector._reslice(main, slab, pool_rows, pool_cols, mode=mode))
+        assert half in projector._stacks
+    for key in ((0, 3, 1, 1, 0, 0, "sum"), (0, 2, 1, 1, 0, 0, "sum"), (0, 4, 1, 1, 1, 0, "sum")):
+        assert projector._merged_from(key) is None  # odd lengths, 2 and sheared slabs: re-sliced
+    assert SliceWarpProjector(volume, np.eye(4))._merged_from((0, 4, 1, 1, 0, 0, "sum")) is None
+
+
+@pytest.mark.parametrize("mode", ["sum", "max"])
+def test_a_stack_across_j_is_its_twin_across_i_transposed(mode):
+    """A straight stack across j whose slab is as long as its filter along i pools the same voxels as the stack
+    across i with the same key: built from that one when it is cached, it holds bitwise the re-sliced numbers."""
+    volume = torch.from_numpy(np.random.default_rng(4).standard_normal((1, 2, 7, 9, 11)))  # (B, C, K, J, I)
+    projector = SliceWarpProjector(volume, np.eye(4))
+    for slab, pool_rows in ((2, 1), (3, 2), (4, 1)):
+        key = (1, slab, pool_rows, slab, 0, 0, mode)
+        assert projector._twin_of(key) == (0,) + key[1:]
+        projector._build({(0,) + key[1:]}, None)
+        assert torch.equal(projector._stack(*key), projector._reslice(*key[:6], mode=mode))
+    assert projector._twin_of((1, 3, 1, 2, 0, 0, "sum")) is None  # slab and filter differ: scaled differently
+    assert projector._twin_of((0, 2, 1, 2, 0, 0, "sum")) is None
+    assert SliceWarpProjector(volume, np.eye(4), merge_slabs=True)._twin_of((1, 4, 1, 4, 0, 0, "sum")) is None
+
+
+def test_a_view_takes_the_longest_allowed_slab_length(sphere):
+    """`slab_lengths` leaves out lengths: a view whose rays allow 5 slices per slab takes 4, with 8 allowed."""
+    volume, affine = sphere
+    projector = SliceWarpProjector(volume, affine)
+    limited = SliceWarpProjector(volume, affine, slab_lengths=(2, 3, 4, 6, 8))
+    drift = projector.max_drift_voxels / 5.5  # rays that allow 5 slices per slab
+    assert (projector._slab_length(drift, 0), limited._slab_length(drift, 0)) == (5, 4)
+    assert limited._slab_length(projector.max_drift_voxels / 0.5, 0) == 1  # 1 is always allowed
+    assert limited._slab_length(1e-9, 0) == 8
+
+
+def test_half_precision_stacks_keep_the_image_to_their_rounding(sphere):
+    """Stacks cached in float16 are sampled in the volume's float32: the image moves by about their rounding."""
+    volume, affine = sphere
+    views = [CArm(detector=Detector.square(32, 4.0)).view(angle, tilt) for angle, tilt in ((0, 0), (40, 20))]
+    half = SliceWarpProjector(volume, affine, stack_dtype=torch.float16)
+    image = half.project(views)
+    assert image.dtype == torch.float32 and {stack.dtype for stack in half._stacks.values()} == {torch.float16}
+    exact = SliceWarpProjector(volume, affine).project(views)
+    assert 0 < torch.linalg.norm(image - exact) / torch.linalg.norm(exact) < 1e-3
+
+
 def bilinear_or_zero(slices, index, channel, row, col):
     """slices (N, C, rows, cols) at slice `index`, bilinear in-plane; zero outside."""
     if index >= len(slices):

@@ -5,8 +5,10 @@ cone at an oblique angle splits the detector into regions with different main ax
 ray in one point; since a ray is a line, the in-slice coordinates of that point are affine in the slice index, so
 one 2-D bilinear `grid_sample` per chunk of slices samples all rays at once, and the line integral is the sum over
 slices times the ray's length per slice. The volume is re-sliced once per main axis, slab length, shear and filter
-and cached, so a new view only pays for the warps (`prepare(..., sweep=True)` readies a whole slider range). Ray
-planning works in voxel index space: pixel centres are affine in (row, column), so no per-pixel RAS arrays.
+and cached, so a new view only pays for the warps (`prepare(..., sweep=True)` readies a whole slider range; a
+renderer's even slab lengths can be merged from half their length, and a stack across j comes from its twin across i
+where both pool the same voxels, each for a fraction of a re-slicing). Ray planning works in voxel index space:
+pixel centres are affine in (row, column), so no per-pixel RAS arrays.
 
 Anti-aliasing (on by default) makes the work follow the detector rather than the CT:
 - in-plane, slices are box-filtered by the integer factor by which the detector pixel, projected to the volume
@@ -104,6 +106,17 @@ class SliceWarpProjector:
     meet once per region, and one whose core is free takes more of the groups. The image is the same for any number
     of workers.
 
+    `stack_dtype=torch.float16` keeps the cached stacks in half the memory (CPU): each chunk is converted back to
+    the volume's dtype as it is staged, so sampling and sums stay in float32; the stacks' rounding (2^-11 relative)
+    moves a chest film by about 2e-5 relative L2.
+
+    `merge_slabs=True` builds each straight stack of an even slab length above 2 from the one of half its length
+    (neighbours summed in pairs, a fraction of the cost of re-slicing the volume; that stack is kept as well): for a
+    renderer that prepares both lengths anyway. Its films differ from re-sliced ones by rounding only.
+
+    `slab_lengths` limits the slab lengths a view may take (default: all up to `max_slab`); a view takes the longest
+    allowed one its rays permit. With `merge_slabs`, (1, 2, 3, 4, 6, 8) leaves only lengths 1, 2 and 3 to re-slice.
+
     `shear=False` keeps every slab straight. A slider's renderer wants that: where a shear pays changes between the
     angles a sweep's preparation samples, so a view in between could need a sheared stack that nobody prepared.
 
@@ -113,7 +126,9 @@ class SliceWarpProjector:
     """
 
     def __init__(self, volume: torch.Tensor, affine: np.ndarray, antialias: bool = True, max_slab: int = 8,
-                 max_drift_voxels: float = 2.0, workers: int = 1, shear: bool = True):
+                 max_drift_voxels: float = 2.0, workers: int = 1, shear: bool = True,
+                 stack_dtype: Optional[torch.dtype] = None, slab_lengths: Optional[Sequence[int]] = None,
+                 merge_slabs: bool = False):
         if volume.ndim != 5:
             raise CT2XInputError(f"projector volume must be (B, C, K, J, I), got shape {tuple(volume.shape)}")
         if min(volume.shape[2:]) < 2:
@@ -125,11 +140,17 @@ class SliceWarpProjector:
         self.voxel_per_mm = np.linalg.inv(self.affine[:3, :3])  # (3, 3) world direction (mm) -> index steps
         self.antialias = antialias
         self.max_slab = max(1, int(max_slab))
+        # The slab lengths a view may take (1 always): the longest one its rays allow.
+        self.slab_lengths = sorted({1} | {int(n) for n in slab_lengths or range(1, self.max_slab + 1)})
         self.max_drift_voxels = float(max_drift_voxels)  # sideways ray travel allowed across one slab, filtered voxels
         self.shear = shear
+        self.merge_slabs = merge_slabs
+        self.stack_dtype = stack_dtype or volume.dtype  # cached stacks; sampled in the volume's dtype
         self.spacing_mm = spacing_from_affine(self.affine)  # (3,) mm per i, j, k
         self.shape_ijk = np.array(volume.shape[2:][::-1])  # (I, J, K)
         self.center_ras = voxel_to_world(self.affine, (self.shape_ijk - 1) / 2.0)
+        corners = np.stack(np.meshgrid(*[[-1.0, n] for n in self.shape_ijk], indexing="ij"), -1).reshape(-1, 3)
+        self.corners_ras = voxel_to_world(self.affine, corners)  # (8, 3) the box samples can read, RAS mm
         # (slabs, B*C, rows, cols) by (main, slab, pool_rows, pool_cols, shear_rows, shear_cols, mode)
         self._stacks: Dict[Tuple[int, int, int, int, int, int, str], torch.Tensor] = {}
         self._staging: Dict[int, torch.Tensor] = {}  # per thread: flat CPU buffer its chunk is copied into
@@ -151,16 +172,20 @@ class SliceWarpProjector:
         filter needs among `views`, so that the views in between a coarsely sampled sweep (a slider's range, whose
         drift and slant change smoothly with the angle) find theirs too.
         """
-        keys = {plan.stack_key for view in views for plan in self._plans(view)}
+        pool = self._worker_pool(self.volume.device)
+
+        def stack_keys(view: View) -> List[Tuple]:  # the plans' arrays are dropped at once
+            return [plan.stack_key for plan in self._plans(view)]
+
+        keys = {key for view_keys in (pool.map if pool is not None else map)(stack_keys, views) for key in view_keys}
         if sweep:  # straight and sheared stacks apart: a view shears its slabs only where that pays
             for group in {(key[0], key[2], key[3], key[4:] != (0, 0)) for key in keys}:
                 members = [key for key in keys if (key[0], key[2], key[3], key[4:] != (0, 0)) == group]
                 slabs, shears_rows, shears_cols = ([key[at] for key in members] for at in (1, 4, 5))
                 keys |= {(group[0], slab, group[1], group[2], shear_rows, shear_cols)
-                         for slab in range(min(slabs), max(slabs) + 1)
+                         for slab in self.slab_lengths if min(slabs) <= slab <= max(slabs)
                          for shear_rows in range(min(shears_rows), max(shears_rows) + 1)
                          for shear_cols in range(min(shears_cols), max(shears_cols) + 1)}
-        pool = self._worker_pool(self.volume.device)
         with single_threaded_ops(pool is not None):
             self._build({key + (mode,) for key in keys}, pool)
 
@@ -171,7 +196,7 @@ class SliceWarpProjector:
         Near-axial views use one axis for every ray; oblique views with a wide cone split the detector into regions.
         """
         pixels_vox, origins_vox, offsets_vox, lengths_mm = self._rays_vox(view)
-        best_axis = np.argmax(np.abs(offsets_vox), axis=-1)  # (H, W)
+        best_axis = _argmax_of_three(np.abs(offsets_vox))  # (H, W)
         main_axes = np.flatnonzero(np.bincount(best_axis.ravel(), minlength=3))
         pitch_mm = self._detector_pitch_at_volume(view)
         plans = []
@@ -240,8 +265,8 @@ class SliceWarpProjector:
 
     def _slab_length(self, drift: float, main: int) -> int:
         """Slices per slab for rays that drift sideways by `drift` filtered voxels per slice."""
-        return int(min(self.max_slab, max(1, math.floor(self.max_drift_voxels / max(drift, 1e-6))),
-                       self.shape_ijk[main]))
+        longest = min(self.max_slab, math.floor(self.max_drift_voxels / max(drift, 1e-6)), self.shape_ijk[main])
+        return max(length for length in self.slab_lengths if length <= max(longest, 1))
 
     def _pool_factor(self, pitch_mm: float, axis: int) -> int:
         factor = int(math.floor(pitch_mm / self.spacing_mm[axis] + 1e-6))
@@ -289,7 +314,7 @@ class SliceWarpProjector:
             starts.append(scale * (at_first_slab + pad - (pool - 1) / 2.0) - 1.0)
             steps.append(scale * slab * slope[..., axis])
         starts, steps = np.stack(starts, -1), np.stack(steps, -1)  # (h, w, 2) grid x, y
-        device, dtype = stack.device, stack.dtype
+        device, dtype = stack.device, self.volume.dtype
         start = torch.from_numpy(starts).to(device=device, dtype=dtype)
         step = torch.from_numpy(steps).to(device=device, dtype=dtype)
 
@@ -345,18 +370,19 @@ class SliceWarpProjector:
         return result
 
     def _staged(self, stack: torch.Tensor, begin: int, end: int) -> torch.Tensor:
-        """stack[begin:end]; on the CPU copied into this thread's reused buffer first (not under autograd).
+        """stack[begin:end] in the volume's dtype; on the CPU copied into this thread's reused buffer first (not
+        under autograd).
 
         grid_sample's gathers stall on memory that is not in cache, while a plain copy streams it in: sampling the
         copy takes half the time at slider geometry on the real chest CT (bench/RESULTS.md).
         """
         chunk = stack[begin:end]
         if chunk.device.type != "cpu" or chunk.requires_grad:
-            return chunk
+            return chunk.to(self.volume.dtype)
         thread = threading.get_ident()
         buffer = self._staging.get(thread)
         if buffer is None or buffer.numel() < chunk.numel():
-            buffer = self._staging[thread] = torch.empty(chunk.numel(), dtype=chunk.dtype)
+            buffer = self._staging[thread] = torch.empty(chunk.numel(), dtype=self.volume.dtype)
         return buffer[:chunk.numel()].view_as(chunk).copy_(chunk)
 
     def _worker_pool(self, device: torch.device) -> Optional[ThreadPoolExecutor]:
@@ -385,9 +411,7 @@ class SliceWarpProjector:
         """Per pixel, the slab index from which on (in the ray's direction) slab centres lie past the detector,
         and whether the ray runs towards increasing index; None when the whole volume is in front of the detector.
         """
-        corners = np.stack(np.meshgrid(*[[-1.0, n] for n in self.shape_ijk], indexing="ij"), -1).reshape(-1, 3)
-        corners_ras = voxel_to_world(self.affine, corners)
-        if np.max((corners_ras - view.detector_center_ras) @ view.principal_direction) <= 0:
+        if np.max((self.corners_ras - view.detector_center_ras) @ view.principal_direction) <= 0:
             return None
         last_inside = (pixels_main - (slab - 1) / 2.0) / slab  # (h, w) slab coordinate of each ray's pixel
         increasing = bool(along.flat[0] > 0)
@@ -395,34 +419,86 @@ class SliceWarpProjector:
 
     # --- re-slicing -----------------------------------------------------------------------------------------
     def _build(self, keys: Set[Tuple], pool: Optional[ThreadPoolExecutor]) -> None:
-        """Re-slice and cache the stacks of these keys (`_stack`'s arguments) that are not cached yet; with a pool,
-        the workers share them out."""
-        missing = sorted(set(keys) - set(self._stacks))
-        list((pool.map if pool is not None else map)(lambda key: self._stack(*key), missing))
+        """Re-slice and cache the stacks of these keys (`_stack`'s arguments) that are not cached yet, and the stacks
+        they are merged from; with a pool, the workers share them out, each a stack and then those merged from it."""
+        if torch.is_grad_enabled() and self.volume.requires_grad:
+            return  # nothing is cached: each call builds its own
+        wanted, bases = set(), set(keys)
+        while bases:
+            wanted |= bases
+            bases = {self._merged_from(key) for key in bases} - {None} - wanted
+        missing = wanted - set(self._stacks)
+        source = {key: self._merged_from(key) or (self._twin_of(key) if self._twin_of(key) in wanted else None)
+                  for key in missing}
+
+        def build_from(key: Tuple) -> None:
+            self._stack(*key)
+            for other in sorted(other for other in missing if source[other] == key):
+                build_from(other)
+
+        def followers(key: Tuple) -> int:
+            return sum(1 + followers(other) for other in missing if source[other] == key)
+
+        # The longest work first, so that the workers finish together: more stacks built from it, shorter slabs.
+        starts = sorted((key for key in missing if source[key] not in missing),
+                        key=lambda key: (-followers(key), key[1], key))
+        list((pool.map if pool is not None else map)(build_from, starts))
 
     def _stack(self, main: int, slab: int, pool_rows: int, pool_cols: int, shear_rows: int, shear_cols: int,
                mode: str) -> torch.Tensor:
         """The volume re-sliced across `main` with these filter factors and shears: (slabs, B*C, rows, cols),
-        cached."""
+        cached in `stack_dtype`.
+
+        With `merge_slabs`, straight slabs of an even length above 2 are merged from the slabs of half that length
+        (`_merged_from`), always, so that a stack's numbers never depend on what was built before. A stack across j
+        whose twin across i is cached (`_twin_of`) is that stack transposed: the same numbers as re-slicing, for the
+        cost of a copy.
+        """
         key = (main, slab, pool_rows, pool_cols, shear_rows, shear_cols, mode)
         if key in self._stacks:
             return self._stacks[key]
-        stack = self._reslice(*key)
-        if not (torch.is_grad_enabled() and self.volume.requires_grad):
-            self._stacks[key] = stack
+        cached = not (torch.is_grad_enabled() and self.volume.requires_grad)
+        base, twin = self._merged_from(key), self._twin_of(key)
+        if base is not None:
+            stack = _merge_pairs(self._stack(*base), mode)
+        elif cached and twin in self._stacks:
+            stack = _twin_transposed(self._stacks[twin])
+        else:
+            stack = self._reslice(*key, dtype=self.stack_dtype if cached else None)
+        if cached:
+            stack = self._stacks[key] = stack.to(self.stack_dtype)
         return stack
 
+    def _merged_from(self, key: Tuple) -> Optional[Tuple]:
+        """The key of the stack that `_stack` merges this one from (`merge_slabs`): slabs of half the length, for
+        straight slabs of an even length above 2; None when it is re-sliced from the volume."""
+        main, slab, pool_rows, pool_cols, shear_rows, shear_cols, mode = key
+        if self.merge_slabs and slab > 2 and slab % 2 == 0 and shear_rows == shear_cols == 0:
+            return main, slab // 2, pool_rows, pool_cols, 0, 0, mode
+        return None
+
+    def _twin_of(self, key: Tuple) -> Optional[Tuple]:
+        """For a straight stack across j re-sliced from the volume whose slab is as long as its filter along i, the
+        stack across i with the same key: it pools the same windows of voxels and scales them alike, so it holds
+        the same numbers, transposed; None otherwise."""
+        main, slab, pool_rows, pool_cols, shear_rows, shear_cols, mode = key
+        twin = (0,) + tuple(key[1:])
+        if main != 1 or slab != pool_cols or shear_rows or shear_cols or self._merged_from(key) is not None:
+            return None
+        return twin
+
     def _reslice(self, main: int, slab: int, pool_rows: int, pool_cols: int, shear_rows: int = 0,
-                 shear_cols: int = 0, mode: str = "sum") -> torch.Tensor:
+                 shear_cols: int = 0, mode: str = "sum", dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """(B, C, K, J, I) -> (ceil(N/slab), B*C, rows, cols): sheared slabs across `main`, box-filtered in-plane.
 
         Slice t of a slab is shifted in-plane by its offset from the slab's centre along the shear (linear between
         the two nearest whole voxels) and the slab is the sum (or maximum) of its shifted slices, so that it follows
         a slanted ray. The plane is padded by the largest shift on each side, and with zeros to whole filter windows;
-        missing slices of the last slab and everything outside the volume count as zeros.
+        missing slices of the last slab and everything outside the volume count as zeros. `dtype`: of a straight
+        stack, converted in its last copy (default: the volume's).
         """
         if shear_rows == shear_cols == 0:
-            return self._reslice_straight(main, slab, pool_rows, pool_cols, mode)
+            return self._reslice_straight(main, slab, pool_rows, pool_cols, mode, dtype)
         volume = self.volume.reshape(-1, *self.volume.shape[2:])  # (B*C, K, J, I)
         main_dim = _MAIN_DIM[main] - 1  # dims of (B*C, K, J, I)
         row_dim, col_dim = (dim - 1 for dim in _SLICE_LAYOUT[main][0])
@@ -452,7 +528,8 @@ class SliceWarpProjector:
             slabs = (F.avg_pool2d if mode == "sum" else F.max_pool2d)(slabs, (pool_rows, pool_cols))
         return slabs
 
-    def _reslice_straight(self, main: int, slab: int, pool_rows: int, pool_cols: int, mode: str) -> torch.Tensor:
+    def _reslice_straight(self, main: int, slab: int, pool_rows: int, pool_cols: int, mode: str,
+                          dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """`_reslice` without a shear: slabs and box filter are one 3-D pooling in the volume's own layout, whose last
         window along an axis that it does not divide counts the missing voxels as zeros; only the smaller result is
         transposed, the expensive step when slices run along i.
@@ -475,7 +552,11 @@ class SliceWarpProjector:
                     last.clamp_(min=0.0)
             if mode == "sum" and slab > 1:  # slab sums of in-plane means
                 volume = volume * slab
-        return volume.permute(main_dim, 0, row_dim, col_dim).contiguous()
+        dtype = dtype or volume.dtype  # the last copy converts
+        if main_dim == 3:  # slices across i: one 2-D transpose, torch's fastest way to reorder the contiguous axis
+            flipped = _contiguous_copy(volume.reshape(-1, volume.shape[3]).t(), dtype)
+            return flipped.view(volume.shape[3], *volume.shape[:3])
+        return _contiguous_copy(volume.permute(main_dim, 0, row_dim, col_dim), dtype)
 
 
 @contextmanager
@@ -515,6 +596,15 @@ def _slabs_hitting_stack(starts: np.ndarray, steps: np.ndarray, n_rows: int, n_c
     return enter, leave
 
 
+def _argmax_of_three(values: np.ndarray) -> np.ndarray:
+    """np.argmax(values, axis=-1) for a last axis of 3 (the first on ties), by two comparisons of whole planes: numpy's
+    argmax along a short last axis is several times slower."""
+    first, second, third = np.moveaxis(values, -1, 0)
+    best = (second > first).astype(np.int64)
+    best[third > np.maximum(first, second)] = 2
+    return best
+
+
 def _largest(values: np.ndarray, mask: Optional[np.ndarray]) -> float:
     """max |values| over the pixels where `mask` is True (all pixels when it is None)."""
     return float(np.abs(values if mask is None else values[mask]).max())
@@ -537,6 +627,32 @@ def _slices_first(volume: torch.Tensor, main_dim: int) -> torch.Tensor:
     if main_dim == 2:
         return volume.reshape(-1, volume.shape[2]).t().contiguous().view(volume.shape[2], *volume.shape[:2])
     return volume.movedim(main_dim, 0)
+
+
+def _contiguous_copy(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous copy of `tensor` in `dtype`, made by one pass (`Tensor.to` keeps a view's strides)."""
+    return torch.empty(tensor.shape, dtype=dtype, device=tensor.device).copy_(tensor)
+
+
+def _twin_transposed(stack: torch.Tensor) -> torch.Tensor:
+    """(slabs across i, B*C, k, j) -> (slabs across j, B*C, k, i): the stack of `_twin_of` back to its own layout, by a
+    2-D transpose (torch's fastest way to move the contiguous axis) and a permutation of whole rows."""
+    n_slabs, channels, rows, cols = stack.shape
+    flipped = stack.reshape(n_slabs, -1).t().contiguous().view(channels, rows, cols, n_slabs)
+    return flipped.permute(2, 0, 1, 3).contiguous()
+
+
+def _merge_pairs(stack: torch.Tensor, mode: str) -> torch.Tensor:
+    """(N, B*C, rows, cols) -> (ceil(N / 2), B*C, rows, cols): neighbouring slabs summed (or maximised) in pairs, in
+    the stack's dtype (float16 adds round once, as a float32 sum converted would); a lone last slab is paired with
+    zeros."""
+    full = stack.shape[0] // 2 * 2
+    pairs = stack[:full].view(-1, 2, *stack.shape[1:])
+    merged = pairs[:, 0] + pairs[:, 1] if mode == "sum" else torch.maximum(pairs[:, 0], pairs[:, 1])
+    if full == stack.shape[0]:
+        return merged
+    last = stack[full:] if mode == "sum" else stack[full:].clamp_min(0.0)
+    return torch.cat([merged, last])
 
 
 def _shear_pad(slab: int, shear: int, pool: int) -> int:
