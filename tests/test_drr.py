@@ -87,12 +87,17 @@ def test_window_is_fixed_by_the_first_render(chest):
     assert lateral.window == first.window
 
 
-def test_dragging_the_primary_angle_never_reslices_the_ct(chest):
+def test_dragging_either_angle_never_reslices_the_ct(chest):
+    """The renderer prepares what both sliders' whole-degree views need: horizontal, and tilted at 0 and 45 deg."""
     carm = CArm().with_detector(64, fitted_detector_spacing_mm(chest, CArm(), 64))  # CT2XSynth's defaults
     renderer = DRRRenderer(chest, carm)
     prepared = set(renderer.projector._stacks)
+    assert {key[0] for key in prepared} == {0, 1, 2}  # steep tilts integrate along k
     for angle in range(-90, 91):
         renderer.render(angle)
+    for primary in (0, 45):
+        for tilt in range(-45, 46):
+            renderer.render(primary, tilt)
     assert set(renderer.projector._stacks) == prepared
 
 

@@ -82,9 +82,11 @@ def test_material_densities_split_the_density():
 def test_material_densities_are_density_times_fractions_exactly():
     """The chunked selection (CPU, no gradients) gives bitwise the product of density and one-hot fractions."""
     hu = torch.cat([torch.linspace(-1100.0, 3000.0, 200_003), torch.tensor([-800.0, 350.0, -0.0, 0.0])])
-    for values in (hu, hu.double(), hu[:-7].view(8, -1)[:, :1000]):  # the last: not contiguous
+    crop = hu[:-7].view(20, 100, 100)[2:19, 3:97, 1:90]  # a strided view, as a crop of a CT is
+    for values in (hu, hu.double(), hu[:-7].view(8, -1)[:, :1000], crop):
         expected = hu_to_density(values) * material_fractions(values)
         assert torch.equal(material_densities(values), expected)
+        assert torch.equal(material_densities(values, workers=3), expected)
     with_grad = hu[:10].clone().requires_grad_()
     material_densities(with_grad).sum().backward()
     torch.testing.assert_close(with_grad.grad, torch.autograd.grad(hu_to_density(with_grad).sum(), with_grad)[0])

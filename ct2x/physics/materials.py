@@ -6,6 +6,8 @@ of them in mm, divided by 10, is the area density A_m in g/cm^2 that `ct2x.physi
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 from torch import Tensor
 
@@ -50,25 +52,44 @@ def material_fractions(hu: Tensor, smooth: bool = False, width_hu: float = 50.0)
     return torch.stack([1.0 - above_air, above_air - above_soft_tissue, above_soft_tissue])
 
 
-def material_densities(hu: Tensor, smooth: bool = False, width_hu: float = 50.0) -> Tensor:
+def material_densities(hu: Tensor, smooth: bool = False, width_hu: float = 50.0, workers: int = 1) -> Tensor:
     """Partial densities of air, soft tissue and bone in g/cm^3, shape (3, *hu.shape).
 
     density(HU) * fractions(HU): the channels the projector integrates. A line integral in mm / 10 = g/cm^2.
+    `hu` may be a strided view (a crop): it is read a block of its first axis at a time, never copied whole.
+    `workers` > 1 shares the blocks out to that many threads (CPU).
     """
     hu = _as_float(hu)
     if smooth or (torch.is_grad_enabled() and hu.requires_grad):
         return hu_to_density(hu) * material_fractions(hu, smooth=smooth, width_hu=width_hu)
     # One-hot fractions as selections, a cache-sized piece at a time: the same numbers as density * fractions for
     # finite HU, in half the time for a CT, whose temporaries would each be a pass over memory.
-    flat = hu.reshape(-1)
-    out = torch.empty((len(MATERIALS), flat.numel()), dtype=hu.dtype, device=hu.device)  # (3, N) g/cm^3
-    zero = torch.zeros((), dtype=hu.dtype, device=hu.device)
-    chunk = _CHUNK_VOXELS if hu.device.type == "cpu" else max(flat.numel(), 1)
-    for start in range(0, flat.numel(), chunk):
-        part, end = flat[start:start + chunk], start + chunk
-        density = hu_to_density(part)
-        air, bone = part <= AIR_MAX_HU, part > SOFT_TISSUE_MAX_HU
-        torch.where(air, density, zero, out=out[0, start:end])
-        torch.where(air | bone, zero, density, out=out[1, start:end])
-        torch.where(bone, density, zero, out=out[2, start:end])
+    out = torch.empty((len(MATERIALS),) + tuple(hu.shape), dtype=hu.dtype, device=hu.device)  # (3, ...) g/cm^3
+    if hu.device.type != "cpu" or hu.dim() == 0:
+        _densities_into(hu.reshape(-1), out.view(len(MATERIALS), -1))
+        return out
+    rows = max(1, _CHUNK_VOXELS // max(hu[0].numel(), 1))  # of the first axis per block
+
+    def convert(first: int) -> None:
+        block = hu[first:first + rows].reshape(-1)  # copied here only if `hu` is a strided view
+        target = out[:, first:first + rows].view(len(MATERIALS), -1)
+        for start in range(0, block.numel(), _CHUNK_VOXELS):
+            _densities_into(block[start:start + _CHUNK_VOXELS], target[:, start:start + _CHUNK_VOXELS])
+
+    blocks = range(0, hu.shape[0], rows)
+    if workers > 1:
+        with ThreadPoolExecutor(workers, thread_name_prefix="ct2x-densities") as pool:
+            list(pool.map(convert, blocks))
+    else:
+        list(map(convert, blocks))
     return out.view(len(MATERIALS), *hu.shape)
+
+
+def _densities_into(hu: Tensor, out: Tensor) -> None:
+    """Flat HU (N,) -> out (3, N): the densities of air, soft tissue and bone, by thresholds."""
+    zero = torch.zeros((), dtype=hu.dtype, device=hu.device)
+    density = hu_to_density(hu)
+    air, bone = hu <= AIR_MAX_HU, hu > SOFT_TISSUE_MAX_HU
+    torch.where(air, density, zero, out=out[0])
+    torch.where(air | bone, zero, density, out=out[1])
+    torch.where(bone, density, zero, out=out[2])
