@@ -344,6 +344,19 @@ def test_skipping_rays_that_miss_a_slab_and_staging_change_nothing(monkeypatch, 
                                    atol=1e-12)
 
 
+def test_a_chunk_takes_a_few_slabs_however_few_rays_it_has(sphere, monkeypatch):
+    """A region of a few pixels would fit its whole stack in one chunk of samples, whose staged copy no cache holds:
+    chunks stop at `_MAX_SLABS_PER_CHUNK` slabs."""
+    volume, affine = sphere
+    slabs = []
+    staged = SliceWarpProjector._staged
+    monkeypatch.setattr(SliceWarpProjector, "_staged",
+                        lambda self, stack, begin, end: slabs.append(end - begin) or staged(self, stack, begin, end))
+    view = CArm(detector=Detector(2, 3, (1.0, 1.0))).view(0, 0)
+    SliceWarpProjector(volume, affine, antialias=False).project([view])  # 64 slabs of one slice
+    assert len(slabs) > 1 and max(slabs) == slicewarp._MAX_SLABS_PER_CHUNK
+
+
 def test_maximum_intensity_projection(sphere):
     volume, affine = sphere
     view = CArm(detector=Detector.square(32, 4.0)).view(0, 0)
