@@ -242,6 +242,11 @@ def test_a_stack_across_j_is_its_twin_across_i_transposed(mode):
     assert SliceWarpProjector(volume, np.eye(4), merge_slabs=True)._twin_of((1, 4, 1, 4, 0, 0, "sum")) is None
 
 
+def test_argmax_of_three_is_numpys_first_on_ties():
+    values = np.random.default_rng(6).integers(0, 3, (40, 50, 3)).astype(float)  # many ties
+    np.testing.assert_array_equal(slicewarp._argmax_of_three(values), np.argmax(values, axis=-1))
+
+
 def test_a_view_takes_the_longest_allowed_slab_length(sphere):
     """`slab_lengths` leaves out lengths: a view whose rays allow 5 slices per slab takes 4, with 8 allowed."""
     volume, affine = sphere
