@@ -25,18 +25,17 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 from bench_reconstruct import (  # noqa: E402  (bench/ is no package)
-    cpu_snapshot,
-    foreign_cpu_percent,
     load_average,
     machine_facts,
     peak_rss_mib,
+    timed_call,
 )
 
 WORK = BENCH / "_work" / "synth"
@@ -56,20 +55,6 @@ def configs() -> Dict[str, Any]:
 
     return {"paper": PRESETS["paper"], "paper-cmax256": dataclasses.replace(PRESETS["paper"], channel_max=256),
             "cpu64": PRESETS["cpu64"]}
-
-
-def timed(call: Callable, device: str) -> Dict[str, Any]:
-    """One call: its result, wall seconds and the foreign CPU share (%) meanwhile."""
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    before, start = cpu_snapshot(), time.perf_counter()
-    result = call()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return {"result": result, "s": time.perf_counter() - start,
-            "foreign_percent": foreign_cpu_percent(before, cpu_snapshot())}
 
 
 def inputs(data_dir: Path):
@@ -105,7 +90,7 @@ def run(name: str, config, precision: str, args, ct, style) -> Dict[str, Any]:
     model = LoadedModel(network, ModelInfo(kind="ct2x-gan", config=config.to_dict(), license="CC0-1.0",
                                            **model_conventions(settings)))
     marks: List[float] = []
-    encode = timed(lambda: Synthesizer(model, ct, style, device=args.device, precision=precision,
+    encode = timed_call(lambda: Synthesizer(model, ct, style, device=args.device, precision=precision,
                                        progress=lambda fraction: marks.append(time.perf_counter())), args.device)
     synthesizer = encode["result"]
     start = marks[-1] - encode["s"]  # about: the last mark comes just before the constructor returns
@@ -122,15 +107,15 @@ def run(name: str, config, precision: str, args, ct, style) -> Dict[str, Any]:
     ct_code = network.encode_ct(torch.zeros(1, 1, *(config.ct_size,) * 3, device=synthesizer.device)) \
         if args.network_path else None
     for angle in SWEEP_DEG:
-        rows["render"].append(timed(lambda angle=angle: synthesizer.render(angle), args.device))
-        pose = timed(lambda angle=angle: synthesizer.inputs(angle), args.device)
+        rows["render"].append(timed_call(lambda angle=angle: synthesizer.render(angle), args.device))
+        pose = timed_call(lambda angle=angle: synthesizer.inputs(angle), args.device)
         rows["pose inputs (label + MIP)"].append(pose)
         _, label, mip = pose["result"]
         with torch.inference_mode():
-            rows["generator (engine: PAM + G)"].append(timed(lambda label=label, mip=mip: generator(label, mip),
+            rows["generator (engine: PAM + G)"].append(timed_call(lambda label=label, mip=mip: generator(label, mip),
                                                              args.device))
             if ct_code is not None:
-                rows["network's own path (content_code + synthesize)"].append(timed(
+                rows["network's own path (content_code + synthesize)"].append(timed_call(
                     lambda label=label, mip=mip: network.synthesize(network.content_code(ct_code, label, mip),
                                                                     style_code), args.device))
     result = {"config": name, "precision": precision, "encode_s": encode["s"],

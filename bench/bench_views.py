@@ -31,7 +31,7 @@ from ct2x.projector import SliceWarpProjector
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_projector import CHEST_CT, DETECTOR_MM, SOURCE_TO_DETECTOR_MM, SOURCE_TO_ISOCENTER_MM  # noqa: E402
-from bench_reconstruct import load_average, machine_facts  # noqa: E402
+from bench_reconstruct import load_average, machine_facts, synchronize  # noqa: E402
 from peers import hu_to_mu  # noqa: E402
 
 GOAL_MS_PER_VIEW = 0.1  # issue 14, GPU: a 256² view of a 128³ volume within a batch of views
@@ -62,12 +62,10 @@ def median_ms(call: Callable[[], object], device: torch.device, repeats: int) ->
     """Median wall time (ms) of `call` after one warm-up, the device synchronised around each."""
     times = []
     for index in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(str(device))
         start = time.perf_counter()
         call()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(str(device))
         if index:
             times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)

@@ -389,10 +389,15 @@ class SliceWarpProjector:
             buffer = self._staging[thread] = torch.empty(chunk.numel(), dtype=self.volume.dtype)
         return buffer[:chunk.numel()].view_as(chunk).copy_(chunk)
 
+    def _with_graph(self) -> bool:
+        """Whether this call records autograd's graph through the volume: then stacks are built per call, never
+        cached, and no worker threads project."""
+        return torch.is_grad_enabled() and self.volume.requires_grad
+
     def _worker_pool(self, device: torch.device) -> Optional[ThreadPoolExecutor]:
         """The threads that project a region's chunk groups, or build stacks, side by side (CPU, `workers` > 1, no
         autograd); None otherwise."""
-        if device.type != "cpu" or self.workers <= 1 or (torch.is_grad_enabled() and self.volume.requires_grad):
+        if device.type != "cpu" or self.workers <= 1 or self._with_graph():
             return None
         if self._pool is None:
             self._pool = ThreadPoolExecutor(min(self.workers, _GROUPS), thread_name_prefix="ct2x-projector")
@@ -425,7 +430,7 @@ class SliceWarpProjector:
     def _build(self, keys: Set[Tuple], pool: Optional[ThreadPoolExecutor]) -> None:
         """Re-slice and cache the stacks of these keys (`_stack`'s arguments) that are not cached yet, and the stacks
         they are merged from; with a pool, the workers share them out, each a stack and then those merged from it."""
-        if torch.is_grad_enabled() and self.volume.requires_grad:
+        if self._with_graph():
             return  # nothing is cached: each call builds its own
         wanted, bases = set(), set(keys)
         while bases:
@@ -461,7 +466,7 @@ class SliceWarpProjector:
         key = (main, slab, pool_rows, pool_cols, shear_rows, shear_cols, mode)
         if key in self._stacks:
             return self._stacks[key]
-        cached = not (torch.is_grad_enabled() and self.volume.requires_grad)
+        cached = not self._with_graph()
         base, twin = self._merged_from(key), self._twin_of(key)
         if base is not None:
             stack = _merge_pairs(self._stack(*base), mode)
@@ -557,9 +562,8 @@ class SliceWarpProjector:
             if mode == "sum" and slab > 1:  # slab sums of in-plane means
                 volume = volume * slab
         dtype = dtype or volume.dtype  # the last copy converts
-        if main_dim == 3:  # slices across i: one 2-D transpose, torch's fastest way to reorder the contiguous axis
-            flipped = _contiguous_copy(volume.reshape(-1, volume.shape[3]).t(), dtype)
-            return flipped.view(volume.shape[3], *volume.shape[:3])
+        if main_dim == 3:  # slices across i: (B*C, K', J', I') -> (I', B*C, K', J')
+            return _last_axis_first(volume, dtype)
         return _contiguous_copy(volume.permute(main_dim, 0, row_dim, col_dim), dtype)
 
 
@@ -624,13 +628,18 @@ def _shear_and_drift(slopes: np.ndarray, mask: Optional[np.ndarray], pool: int) 
 
 
 def _slices_first(volume: torch.Tensor, main_dim: int) -> torch.Tensor:
-    """(K, J, I) -> (N, rows, cols): the slices across `main_dim` (0 = k, 1 = j, 2 = i), each contiguous in its rows.
-
-    Slices across i are copied out by one 2-D transpose, torch's fastest way to reorder the contiguous axis.
-    """
+    """(K, J, I) -> (N, rows, cols): the slices across `main_dim` (0 = k, 1 = j, 2 = i), each contiguous in its rows
+    (slices across i copied out by `_last_axis_first`)."""
     if main_dim == 2:
-        return volume.reshape(-1, volume.shape[2]).t().contiguous().view(volume.shape[2], *volume.shape[:2])
+        return _last_axis_first(volume)
     return volume.movedim(main_dim, 0)
+
+
+def _last_axis_first(tensor: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """(..., n) -> (n, ...), a contiguous copy (in `dtype`, default the tensor's): one 2-D transpose, torch's fastest
+    way to reorder the contiguous axis."""
+    flipped = _contiguous_copy(tensor.reshape(-1, tensor.shape[-1]).t(), dtype or tensor.dtype)
+    return flipped.view(tensor.shape[-1], *tensor.shape[:-1])
 
 
 def _contiguous_copy(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
