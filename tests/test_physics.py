@@ -210,6 +210,20 @@ def test_attenuation_table_matches_the_exact_spectrum_sum(name, energy_weighted)
         table(torch.zeros(2, 3, 4, 4))
 
 
+def test_attenuation_table_is_exact_at_its_nodes_up_to_its_edges():
+    """At the table's nodes the lookup is the exact sum, on the air planes' last soft-tissue row and on the last air
+    plane too, where a bilinear sample of the stacked planes meets the next plane pair's rows."""
+    spectrum = load_spectrum("60kV")
+    table = AttenuationTable(spectrum)
+    rng = np.random.default_rng(4)
+    air = rng.integers(0, 9, 400).astype(float)  # nodes: 1 g/cm^2 apart, 8 the last
+    soft = np.where(rng.random(400) < 0.5, 360, rng.integers(0, 361, 400)) * 0.2  # half on the last row (72)
+    bone = rng.integers(0, 801, 400) * 0.04
+    nodes = torch.from_numpy(np.stack([air, soft - air, bone]).reshape(3, 20, 20)).clamp_min(0.0)  # (air, soft, bone)
+    exact = -torch.log(transmission(nodes, spectrum))
+    assert (table(nodes.float()).double() - exact).abs().max() < 2e-5
+
+
 def test_attenuation_table_is_built_once_per_spectrum_and_detector():
     spectrum = load_spectrum("60kV")
     assert attenuation_table(spectrum) is attenuation_table(spectrum)
