@@ -22,8 +22,7 @@ from ct2x.errors import CT2XInputError
 from ct2x.physics.spectra import Spectrum, _check_area_density, transmission
 
 # Grid steps and extents, g/cm^2, along (air, soft tissue + air, bone). The real chest CT reaches about 3.5, 44 and
-# 10.5 g/cm^2 at 0-90 deg; the table covers 8, 72 and 32 (9 x 361 x 801 nodes, built in about 50 ms; held as 8 pairs
-# of neighbouring air planes, 19 MB of float32).
+# 10.5 g/cm^2 at 0-90 deg; the table covers 8, 72 and 32 (9 x 361 x 801 float32, 10 MB, built in about 50 ms).
 STEPS_G_CM2 = (1.0, 0.2, 0.04)
 EXTENTS_G_CM2 = (8.0, 72.0, 32.0)
 
@@ -46,12 +45,12 @@ class AttenuationTable:
         intensity = torch.stack([(soft * row) @ bone.T for row in air])  # (A, S, B) float64
         table = -torch.log(intensity).float()  # (A, S, B)
         self.shape = tuple(table.shape)
-        # Trilinear interpolation as one 2-D bilinear sample of two channels, the air planes below and above: torch's
-        # 2-D `grid_sample` is vectorised on the CPU, its 3-D one is not (2.4 -> 0.9 ms per 256^2 film). Channel c of
-        # image row a * (S + 1) + s is table[a + c, s]. Each plane pair is closed by a copy of its last soft-tissue
-        # row: float32 rounding of a row coordinate can land a hair past the pair's last row (1e-4 rows here).
+        # Trilinear interpolation as two 2-D bilinear samples, in the air planes below and above, blended: torch's
+        # 2-D `grid_sample` is vectorised on the CPU, its 3-D one is not (2.4 -> 1.1 ms per 256^2 film). The planes
+        # lie one below the other, row a * (S + 1) + s holding table[a, s]; each is closed by a copy of its last
+        # soft-tissue row: float32 rounding of a row coordinate can land a hair past a plane's last row (1e-4 rows).
         closed = torch.cat([table, table[:, -1:]], 1)  # (A, S + 1, B)
-        self._pairs = torch.stack([closed[:-1], closed[1:]]).reshape(1, 2, -1, table.shape[2])  # (1, 2, (A-1)(S+1), B)
+        self._planes = closed.reshape(1, 1, -1, table.shape[2])  # (1, 1, A (S + 1), B)
         # (air, soft tissue, bone) g/cm^2 -> nodes along (bone, soft tissue + air, air)
         self._to_nodes = torch.tensor([[0.0, 0.0, 1.0 / STEPS_G_CM2[2]],
                                        [1.0 / STEPS_G_CM2[1], 1.0 / STEPS_G_CM2[1], 0.0],
@@ -66,16 +65,17 @@ class AttenuationTable:
             raise CT2XInputError(f"area_density_g_cm2 has shape {tuple(area_density_g_cm2.shape)}: pass (3, H, W).")
         device = area_density_g_cm2.device
         n_soft, n_bone = self.shape[1:]
-        pairs = self._on(self._pairs, device)
+        planes = self._on(self._planes, device)
         flat = area_density_g_cm2.float().reshape(3, -1)  # (3, HW)
         nodes = self._on(self._to_nodes, device) @ flat  # (3, HW): bone, soft tissue + air, air in nodes
         outside = (flat.amin(0) < 0) | ((nodes - self._on(self._last_node, device)).amax(0) > 0)  # (HW,)
         bone, soft, air = nodes
         below = air.floor().clamp_(0, self.shape[0] - 2)  # the air plane below
-        grid = torch.empty(1, 1, flat.shape[1], 2, device=device)  # align_corners: -1, 1 = first, last node
-        grid[0, 0, :, 0] = bone * (2.0 / (n_bone - 1)) - 1.0
-        grid[0, 0, :, 1] = (below * (n_soft + 1) + soft) * (2.0 / (pairs.shape[2] - 1)) - 1.0
-        lower, upper = F.grid_sample(pairs, grid, mode="bilinear", align_corners=True)[0, :, 0]  # (HW,) each
+        plane = below + torch.tensor([[0.0], [1.0]], device=device)  # (2, HW): below and above
+        grid = torch.empty(1, 2, flat.shape[1], 2, device=device)  # align_corners: -1, 1 = first, last node
+        grid[0, :, :, 0] = bone * (2.0 / (n_bone - 1)) - 1.0
+        grid[0, :, :, 1] = (plane * (n_soft + 1) + soft) * (2.0 / (planes.shape[2] - 1)) - 1.0
+        lower, upper = F.grid_sample(planes, grid, mode="bilinear", align_corners=True)[0, 0]  # (HW,) each
         result = torch.lerp(lower, upper, air - below).view(area_density_g_cm2.shape[1:])
         outside = outside.view(result.shape)
         if bool(outside.any()):
