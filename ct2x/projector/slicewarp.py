@@ -41,7 +41,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
@@ -284,9 +284,12 @@ class SliceWarpProjector:
         pool = self._worker_pool(self.volume.device)
         if pool is not None:  # the re-slicings the view still needs, built side by side
             self._build({plan.stack_key + (mode,) for plan in plans}, pool)
+        # Every region is set up and handed to the workers before the first is collected: the next region's set-up
+        # (numpy, this thread) overlaps the workers' sampling, and no worker waits at the end of a region.
+        finishers = [self._start_region(view, plan, mode) for plan in plans]
         result = None
-        for plan in plans:
-            part = self._project_region(view, plan, mode)  # (B*C, h, w)
+        for plan, finish in zip(plans, finishers):
+            part = finish()  # (B*C, h, w)
             if plan.mask is None:
                 result = part
                 continue
@@ -296,8 +299,9 @@ class SliceWarpProjector:
             result[:, plan.rows, plan.cols] = torch.where(mask, part, result[:, plan.rows, plan.cols])
         return result.view(batch, channels, height, width)
 
-    def _project_region(self, view: View, plan: _RayPlan, mode: str) -> torch.Tensor:
-        """(B*C, h, w) projection of the rays of one plan."""
+    def _start_region(self, view: View, plan: _RayPlan, mode: str) -> Callable[[], torch.Tensor]:
+        """Starts projecting the rays of one plan (on the workers, if any) and returns what waits for and returns
+        their (B*C, h, w) projection."""
         main, slab, pool_rows, pool_cols, shear_rows, shear_cols = plan.stack_key
         origins_vox, slope, along = plan.origins_vox, plan.slope, plan.along
         stack = self._stack(*plan.stack_key, mode)
@@ -361,20 +365,22 @@ class SliceWarpProjector:
                     target.copy_(torch.maximum(target, samples.amax(0)))
             return partial
 
-        groups = range(_GROUPS)
         pool = self._worker_pool(device)
-        partials = list(pool.map(project_chunks, groups) if pool is not None else map(project_chunks, groups))
-        result = partials[0]
-        for partial in partials[1:]:  # in group order: the same sums whichever thread made them
-            result = result + partial if mode == "sum" else torch.maximum(result, partial)
-        if mode == "max":  # a ray with a sample outside the stack read a zero there; one without samples is zero
-            read_zero = torch.from_numpy((enter > first) | (leave < last - 1) | (last <= first)).to(device)
-            result = torch.where(read_zero, result.clamp_min(0.0), result)
-        else:
+        groups = [pool.submit(project_chunks, group) for group in range(_GROUPS)] if pool is not None else None
+
+        def finish() -> torch.Tensor:
+            partials = ([group.result() for group in groups] if groups is not None
+                        else [project_chunks(group) for group in range(_GROUPS)])
+            result = partials[0]
+            for partial in partials[1:]:  # in group order: the same sums whichever thread made them
+                result = result + partial if mode == "sum" else torch.maximum(result, partial)
+            if mode == "max":  # a ray with a sample outside the stack read a zero there; one without samples is zero
+                read_zero = torch.from_numpy((enter > first) | (leave < last - 1) | (last <= first)).to(device)
+                return torch.where(read_zero, result.clamp_min(0.0), result)
             # Ray length per unit of main index: the direction is a unit world vector, so 1 / |d(main)/d(mm)|.
-            mm_per_slice = torch.from_numpy(1.0 / np.abs(along)).to(device, dtype)
-            result = result * mm_per_slice
-        return result
+            return result * torch.from_numpy(1.0 / np.abs(along)).to(device, dtype)
+
+        return finish
 
     def _staged(self, stack: torch.Tensor, begin: int, end: int) -> torch.Tensor:
         """stack[begin:end] in the volume's dtype; on the CPU copied into this thread's reused buffer first (not
