@@ -243,8 +243,8 @@ def test_a_stack_across_j_is_its_twin_across_i_transposed(mode):
 
 
 def test_argmax_of_three_is_numpys_first_on_ties():
-    values = np.random.default_rng(6).integers(0, 3, (40, 50, 3)).astype(float)  # many ties
-    np.testing.assert_array_equal(slicewarp._argmax_of_three(values), np.argmax(values, axis=-1))
+    values = np.random.default_rng(6).integers(0, 3, (3, 40, 50)).astype(float)  # many ties
+    np.testing.assert_array_equal(slicewarp._argmax_of_three(values), np.argmax(values, axis=0))
 
 
 def test_a_view_takes_the_longest_allowed_slab_length(sphere):
@@ -339,7 +339,7 @@ def test_skipping_rays_that_miss_a_slab_and_staging_change_nothing(monkeypatch, 
     fast = [SliceWarpProjector(volume, affine).project([view], mode) for view in views]
 
     def every_ray_at_every_slab(starts, steps, n_rows, n_cols, mask):
-        everything = np.full(starts.shape[:2], 10**9)
+        everything = np.full(starts[0].shape, 10**9)
         return -everything, everything
 
     monkeypatch.setattr(slicewarp, "_slabs_hitting_stack", every_ray_at_every_slab)

@@ -88,10 +88,10 @@ class _RayPlan:
     rows: slice  # the region on the detector
     cols: slice
     mask: Optional[np.ndarray]  # (h, w) bool, True where this plan's rays are; None = the whole region
-    origins_vox: np.ndarray  # (h, w, 3) ray origins, voxel index (i, j, k); (1, 1, 3) for a cone beam's source
+    origins_vox: np.ndarray  # (3, h, w) ray origins, voxel index (i, j, k); (3, 1, 1) for a cone beam's source
     pixels_main: np.ndarray  # (h, w) main index of each ray's pixel centre, where the ray ends
     along: np.ndarray  # (h, w) main index per mm along each ray
-    slope: np.ndarray  # (h, w, 3) index change per unit of main index along each ray
+    slope: np.ndarray  # (3, h, w) index change per unit of main index along each ray
 
     @property
     def stack_key(self) -> Tuple[int, int, int, int, int, int]:
@@ -211,9 +211,9 @@ class SliceWarpProjector:
                 uses = best_axis == main
                 rows, cols = _span(uses.any(1)), _span(uses.any(0))
                 mask = uses[rows, cols]
-            offsets = offsets_vox[rows, cols]  # (h, w, 3) index steps along each ray
-            slope = offsets / offsets[..., main:main + 1]  # (h, w, 3), never above sqrt(3) in size
-            along = offsets[..., main] / lengths_mm[rows, cols]  # (h, w) main index per mm
+            offsets = offsets_vox[:, rows, cols]  # (3, h, w) index steps along each ray
+            slope = offsets / offsets[main]  # (3, h, w), never above sqrt(3) in size
+            along = offsets[main] / lengths_mm[rows, cols]  # (h, w) main index per mm
             row_axis, col_axis = _SLICE_LAYOUT[main][1]
             pool_rows = pool_cols = slab = 1
             shear_rows = shear_cols = 0
@@ -223,22 +223,23 @@ class SliceWarpProjector:
                 # Straight slabs, or slabs sheared along the rays' middle slope (to the nearest SHEAR_STEP), so
                 # that only the rays' spread about it limits the slab length, not their common slant. A shear costs
                 # an interpolation of each slice, so it is taken only where it at least doubles the slab length.
-                slab = self._slab_length(max(_largest(slope[..., row_axis], mask) / pool_rows,
-                                             _largest(slope[..., col_axis], mask) / pool_cols), main)
+                slab = self._slab_length(max(_largest(slope[row_axis], mask) / pool_rows,
+                                             _largest(slope[col_axis], mask) / pool_cols), main)
                 if self.shear:
-                    rows_shear, drift_rows = _shear_and_drift(slope[..., row_axis], mask, pool_rows)
-                    cols_shear, drift_cols = _shear_and_drift(slope[..., col_axis], mask, pool_cols)
+                    rows_shear, drift_rows = _shear_and_drift(slope[row_axis], mask, pool_rows)
+                    cols_shear, drift_cols = _shear_and_drift(slope[col_axis], mask, pool_cols)
                     sheared = self._slab_length(max(drift_rows, drift_cols), main)
                     if sheared >= 2 * slab:
                         slab, shear_rows, shear_cols = sheared, rows_shear, cols_shear
-            origins = origins_vox if origins_vox.shape[:2] == (1, 1) else origins_vox[rows, cols]
+            origins = origins_vox if origins_vox.shape[1:] == (1, 1) else origins_vox[:, rows, cols]
             plans.append(_RayPlan(main, slab, pool_rows, pool_cols, shear_rows, shear_cols, rows, cols, mask,
-                                  origins, pixels_vox[rows, cols, main], along, slope))
+                                  origins, pixels_vox[main, rows, cols], along, slope))
         return plans
 
     def _rays_vox(self, view: View) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """The view's rays in voxel index space: pixel centres (H, W, 3), origins ((1, 1, 3) for a cone beam's
-        source, else (H, W, 3)), origin -> pixel offsets (H, W, 3) and the rays' lengths to their pixels (H, W) mm.
+        """The view's rays in voxel index space, index axis (i, j, k) first so that numpy runs along whole rows:
+        pixel centres (3, H, W), origins ((3, 1, 1) for a cone beam's source, else (3, H, W)), origin -> pixel
+        offsets (3, H, W) and the rays' lengths to their pixels (H, W) mm.
 
         Pixel centres are affine in (row, column), so they are built from the detector's centre and axes mapped to
         voxel index space once, rather than mapping every pixel from RAS.
@@ -249,13 +250,15 @@ class SliceWarpProjector:
         centre_vox = world_to_voxel(self.affine, view.detector_center_ras[None])[0]  # (3,) ijk
         row_vox = self.voxel_per_mm @ view.row_direction  # (3,) index steps per mm down the rows
         col_vox = self.voxel_per_mm @ view.column_direction
-        pixels_vox = centre_vox + rows_mm[:, None, None] * row_vox + cols_mm[None, :, None] * col_vox  # (H, W, 3)
+        pixels_vox = (centre_vox[:, None, None] + row_vox[:, None, None] * rows_mm[:, None]
+                      + col_vox[:, None, None] * cols_mm)  # (3, H, W)
         if view.beam == "parallel":
-            offsets_vox = np.broadcast_to(view.source_to_detector_mm * (self.voxel_per_mm @ view.principal_direction),
-                                          pixels_vox.shape)
-            lengths_mm = np.full(pixels_vox.shape[:2], view.source_to_detector_mm)
+            offsets_vox = np.broadcast_to(
+                view.source_to_detector_mm * (self.voxel_per_mm @ view.principal_direction)[:, None, None],
+                pixels_vox.shape)
+            lengths_mm = np.full(pixels_vox.shape[1:], view.source_to_detector_mm)
             return pixels_vox, pixels_vox - offsets_vox, offsets_vox, lengths_mm
-        origins_vox = world_to_voxel(self.affine, view.source_ras[None])[None]  # (1, 1, 3)
+        origins_vox = world_to_voxel(self.affine, view.source_ras[None])[0][:, None, None]  # (3, 1, 1)
         lengths_mm = np.sqrt(view.source_to_detector_mm ** 2 + rows_mm[:, None] ** 2 + cols_mm[None, :] ** 2)
         return pixels_vox, origins_vox, pixels_vox - origins_vox, lengths_mm
 
@@ -312,19 +315,18 @@ class SliceWarpProjector:
         # a(t) = o_a + (t - o_m) * slope_a; a stack padded by `pad` and box-filtered by p maps index a to
         # (a + pad - (p-1)/2) / p; grid_sample's align_corners coordinates map index x of an n-long axis to
         # 2x/(n-1) - 1. All affine in n: grid(n) = start + n * step.
-        o_main = origins_vox[..., main]  # (h, w), or (1, 1) for a cone beam
+        o_main = origins_vox[main]  # (h, w), or (1, 1) for a cone beam
         starts, steps = [], []
         for axis, pool, shear, size in ((col_axis, pool_cols, shear_cols, n_cols),
                                         (row_axis, pool_rows, shear_rows, n_rows)):
             scale = 2.0 / (pool * max(size - 1, 1))
             pad = _shear_pad(slab, shear, pool)
-            at_first_slab = origins_vox[..., axis] + ((slab - 1) / 2.0 - o_main) * slope[..., axis]
+            at_first_slab = origins_vox[axis] + ((slab - 1) / 2.0 - o_main) * slope[axis]
             starts.append(scale * (at_first_slab + pad - (pool - 1) / 2.0) - 1.0)
-            steps.append(scale * slab * slope[..., axis])
-        starts, steps = np.stack(starts, -1), np.stack(steps, -1)  # (h, w, 2) grid x, y
+            steps.append(scale * slab * slope[axis])
         device, dtype = stack.device, self.volume.dtype
-        start = torch.from_numpy(starts).to(device=device, dtype=dtype)
-        step = torch.from_numpy(steps).to(device=device, dtype=dtype)
+        start = torch.from_numpy(np.stack(starts, -1)).to(device=device, dtype=dtype)  # (h, w, 2) grid x, y
+        step = torch.from_numpy(np.stack(steps, -1)).to(device=device, dtype=dtype)
 
         first, last = self._slabs_in_front_of_source(view, main, slab, n_slabs, o_main, along)
         past_detector = self._slabs_past_detector(view, slab, along, plan.pixels_main)
@@ -589,19 +591,19 @@ def single_threaded_ops(enabled: bool = True) -> Iterator[None]:
             torch.set_num_threads(previous)
 
 
-def _slabs_hitting_stack(starts: np.ndarray, steps: np.ndarray, n_rows: int, n_cols: int,
+def _slabs_hitting_stack(starts: Sequence[np.ndarray], steps: Sequence[np.ndarray], n_rows: int, n_cols: int,
                          mask: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
     """Per pixel, the first and last slab index at which its bilinear sample can be non-zero, (h, w) int each.
 
-    Grid coordinates are start + n * step (x = column, y = row, align_corners); a sample reads the stack only while
-    its index lies in (-1, size) along both axes, and reads zero otherwise. Pixels that never do get enter > leave.
+    Grid coordinates are start + n * step, (x = column, y = row) planes of (h, w) each, align_corners; a sample
+    reads the stack only while its index lies in (-1, size) along both axes, and reads zero otherwise. Pixels that
+    never do get enter > leave.
     """
-    enter = np.full(starts.shape[:2], -np.inf)
-    leave = np.full(starts.shape[:2], np.inf)
-    for axis, size in ((0, n_cols), (1, n_rows)):
+    enter = np.full(starts[0].shape, -np.inf)
+    leave = np.full(starts[0].shape, np.inf)
+    for start, step, size in ((starts[0], steps[0], n_cols), (starts[1], steps[1], n_rows)):
         reach = 2.0 / max(size - 1, 1) + 1e-4  # one cell, plus slack for the float32 grid: a superset is exact
-        start = starts[..., axis]
-        step = np.where(steps[..., axis] == 0, 1e-30, steps[..., axis])  # a constant coordinate: bounds far away
+        step = np.where(step == 0, 1e-30, step)  # a constant coordinate: bounds far away
         at_low, at_high = (-1.0 - reach - start) / step, (1.0 + reach - start) / step  # slab index at the bounds
         enter = np.maximum(enter, np.minimum(at_low, at_high))
         leave = np.minimum(leave, np.maximum(at_low, at_high))
@@ -632,9 +634,8 @@ def _chunk_reaches_cut(cut_rows: np.ndarray, cut_cols: np.ndarray, begin: int, e
 
 
 def _argmax_of_three(values: np.ndarray) -> np.ndarray:
-    """np.argmax(values, axis=-1) for a last axis of 3 (the first on ties), by two comparisons of whole planes: numpy's
-    argmax along a short last axis is several times slower."""
-    first, second, third = np.moveaxis(values, -1, 0)
+    """np.argmax(values, axis=0) for a first axis of 3 (the first on ties), by two comparisons of whole planes."""
+    first, second, third = values
     best = (second > first).astype(np.int64)
     best[third > np.maximum(first, second)] = 2
     return best
