@@ -141,13 +141,25 @@ def test_train_command_line(prepared, tmp_path, capsys):
     assert main(args) == 2 and "--resume" in capsys.readouterr().err  # the folder is taken
 
 
+def test_a_time_limit_stops_with_a_checkpoint_and_a_model_and_resume_finishes(prepared, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "recon", "--data", str(prepared), "--out", str(run), "--preset", "scaled", "--width", "0.125",
+            "--depth", "0.25", "--steps", "3", "--checkpoint-every", "5", "--no-augment", "--quiet"]
+    assert main([*args, "--time-limit", "0"]) == 0  # the limit has passed after the first step
+    assert "1 steps" in capsys.readouterr().out and (run / "model.safetensors").exists()
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 1  # saved although 1 % 5 != 0
+    assert main([*args, "--resume"]) == 0 and "3 steps" in capsys.readouterr().out
+    assert [row["step"] for row in csv.DictReader((run / "log.csv").open())][-1] == "3"
+    assert main([*args[:4], str(tmp_path / "other"), *args[5:], "--time-limit", "-1"]) == 2
+
+
 @pytest.mark.parametrize("options, expected", [
     (["--model", "cvaa", "--no-view-attention"], {"view_attention": False, "fine_distillation": True}),
     (["--model", "cvaa", "--no-fine-distillation"], {"view_attention": True, "fine_distillation": False}),
     (["--model", "x2ct", "--gan-weight", "0"], {}),
 ])
 def test_train_options_reach_the_run_config(prepared, tmp_path, monkeypatch, options, expected):
-    monkeypatch.setattr(Trainer, "run", lambda self, progress=True: None)  # the settings only, no training
+    monkeypatch.setattr(Trainer, "run", lambda self, **options: None)  # the settings only, no training
     run = tmp_path / "run"
     assert main(["train", "recon", "--data", str(prepared), "--out", str(run), "--preset", "scaled", "--width",
                  "0.125", "--depth", "0.25", "--steps", "1", "--quiet", *options]) == 0

@@ -142,6 +142,22 @@ def test_run_files_model_and_exact_resume(prepared, tmp_path, monkeypatch):
         assert resumed[2][key] == rows[2][key]  # the step after resuming equals the uninterrupted run's
 
 
+@pytest.mark.slow
+def test_loader_workers_give_the_batches_of_one_process_across_epochs(prepared, tmp_path):
+    def first_batches(workers: int) -> list:
+        trainer = Trainer(tiny_config(prepared, augment=True, workers=workers), tmp_path / str(workers),
+                          torch.device("cpu"))
+        batches = trainer._batches()
+        return [next(batches) for _ in range(9)]  # 14 samples in batches of 2: epoch 0 and two of epoch 1
+
+    alone, with_workers = first_batches(0), first_batches(2)
+    for one, other in zip(alone, with_workers):
+        assert one["case"] == other["case"] and one["film"] == other["film"]
+        for key in ("ct", "label", "mip", "drr", "xray", "angle_deg"):
+            assert torch.equal(one[key], other[key])
+    assert not torch.equal(alone[0]["drr"], alone[-1]["drr"])
+
+
 def test_the_model_file_holds_the_moving_average_of_the_generator(prepared, tmp_path, monkeypatch):
     """With `ema_decay` the trainer averages the generator's weights after every step (ema <- d ema + (1 - d) w),
     writes the average as the model, and keeps it through a resume."""

@@ -79,6 +79,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--sample-every", type=int, default=100, metavar="N", help="(default %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s; under torchrun "
                                                         "with cuda each process takes its LOCAL_RANK's GPU)")
+    parser.add_argument("--time-limit", type=float, metavar="MINUTES",
+                        help="stop after the step during which this much time has passed, with a checkpoint and the "
+                             "model written (--resume continues; default: none)")
     parser.add_argument("--resume", action="store_true", help="continue the run in RUN from its checkpoint")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -126,10 +129,15 @@ def run(args: argparse.Namespace) -> int:
         if first_process:
             run_dir.mkdir(parents=True, exist_ok=True)
             config.save(run_dir / CONFIG_FILE)
-    Trainer(config, run_dir, device, resume=args.resume).run(progress=not args.quiet)
+    if args.time_limit is not None and args.time_limit < 0:
+        raise CT2XInputError(f"--time-limit {args.time_limit}: must be minutes >= 0")
+    trainer = Trainer(config, run_dir, device, resume=args.resume)
+    trainer.run(progress=not args.quiet, time_limit_s=None if args.time_limit is None else args.time_limit * 60)
     if first_process:
-        print(f"ct2x train: {config.steps} steps of {config.model} in {run_dir} (model.safetensors, log.csv, "
-              "samples/)")
+        stopped = (f" (stopped by --time-limit; --resume continues to {config.steps})"
+                   if trainer.step < config.steps else "")
+        print(f"ct2x train: {trainer.step} steps of {config.model} in {run_dir} (model.safetensors, log.csv, "
+              f"samples/){stopped}")
     return 0
 
 

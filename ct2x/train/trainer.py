@@ -23,7 +23,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -63,8 +63,10 @@ class Trainer:
         if resume:
             self._load_checkpoint()
 
-    def run(self, progress: bool = True) -> None:
-        """Train until `config.steps`, logging, sampling and checkpointing on the way."""
+    def run(self, progress: bool = True, time_limit_s: Optional[float] = None) -> None:
+        """Train until `config.steps`, logging, sampling and checkpointing on the way. With `time_limit_s`, stop
+        after the step during which that many seconds have passed, checkpoint, and write the model as at the end
+        (`resume` continues the run)."""
         from tqdm import tqdm
 
         config = self.config
@@ -87,7 +89,10 @@ class Trainer:
             bar.update(1)
             bar.set_postfix({key: f"{losses[name]:.3f}" for key, name in (("g", "g_total"), ("d", "d_total"))
                              if name in losses})
-            if self.is_main and (self.step % config.log_every == 0 or self.step == config.steps):
+            out_of_time = (time_limit_s is not None and self.step < config.steps
+                           and self._out_of_time(started, time_limit_s))
+            last = self.step == config.steps or out_of_time
+            if self.is_main and (self.step % config.log_every == 0 or last):
                 row = {"step": self.step, "learning_rate": config.learning_rate_at(self.step - 1),
                        "seconds": round(time.perf_counter() - started, 2), **losses}
                 log.write(row)
@@ -96,30 +101,52 @@ class Trainer:
                         board.add_scalar(f"loss/{name}", value, self.step)
             if self.is_main and self.step % config.sample_every == 0:
                 self._save_sample(batch)
-            if self.step % config.checkpoint_every == 0 or self.step == config.steps:
+            if self.step % config.checkpoint_every == 0 or last:
                 self._save_checkpoint()
+            if out_of_time:
+                break
         bar.close()
         if self.is_main:
             self._save_model()
         if board is not None:
             board.close()
 
+    def _out_of_time(self, started: float, time_limit_s: float) -> bool:
+        """Whether `time_limit_s` has passed since `started`; under torchrun, whether it has for any process, so that
+        all stop at the same step."""
+        out = torch.tensor(float(time.perf_counter() - started >= time_limit_s), device=self.device)
+        if self.world > 1:
+            dist.all_reduce(out, op=dist.ReduceOp.MAX)
+        return bool(out)
+
     # --- data order ---------------------------------------------------------------------------------------------
     def _batches(self) -> Iterator[Dict[str, torch.Tensor]]:
         """Batches in a seeded order per epoch, split across processes; one batch per step, so a resumed run
-        continues at batch `step % per_epoch` of epoch `step // per_epoch`."""
+        continues at batch `step % per_epoch` of epoch `step // per_epoch`. The loader's workers make single
+        samples, all the batch's at once, and live across epochs (a small set has few batches per epoch)."""
         batch_size = self.config.batch_size
         per_epoch = len(self.dataset) // (batch_size * self.world)  # batches per process and epoch
         if per_epoch < 1:
             raise CT2XInputError(f"{self.config.data}: {len(self.dataset)} training cases are fewer than one batch "
                                  f"per process ({batch_size} x {self.world}); lower --batch-size")
-        while True:
+
+        def keys() -> Iterator[Tuple[int, int]]:
+            """(epoch, case index) of every sample this process trains on from the current step on."""
             epoch, start = divmod(self.step, per_epoch)
-            order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.config.seed + epoch))
-            mine = order.tolist()[self.rank::self.world][start * batch_size: per_epoch * batch_size]
-            self.dataset.epoch = epoch  # augmentation draws depend on (seed, epoch, case)
-            yield from torch.utils.data.DataLoader(torch.utils.data.Subset(self.dataset, mine), batch_size=batch_size,
-                                                   shuffle=False, drop_last=True, num_workers=self.config.workers)
+            while True:
+                order = torch.randperm(len(self.dataset),
+                                       generator=torch.Generator().manual_seed(self.config.seed + epoch))
+                for index in order.tolist()[self.rank::self.world][start * batch_size: per_epoch * batch_size]:
+                    yield epoch, index
+                epoch, start = epoch + 1, 0
+
+        workers = self.config.workers
+        loader_seed = torch.Generator().manual_seed(self.config.seed + self.step)  # not the RNG a resume restores
+        samples = iter(torch.utils.data.DataLoader(_AtEpoch(self.dataset), sampler=keys(), batch_size=None,
+                                                   num_workers=workers, prefetch_factor=4 if workers else None,
+                                                   persistent_workers=workers > 0, generator=loader_seed))
+        while True:
+            yield torch.utils.data.default_collate([next(samples) for _ in range(batch_size)])
 
     # --- files ----------------------------------------------------------------------------------------------------
     def _save_checkpoint(self) -> None:
@@ -170,6 +197,18 @@ class Trainer:
                                                          f"{self.config.ema_decay} per step)")
         network = _unwrap(self.generator) if self.generator_ema is None else self.generator_ema.network
         save_model(self.run_dir / MODEL, network, info)
+
+
+class _AtEpoch(torch.utils.data.Dataset):
+    """A training set indexed by (epoch, case index): its augmentation draws depend on (seed, epoch, case)."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, key: Tuple[int, int]):
+        epoch, index = key
+        self.dataset.epoch = epoch
+        return self.dataset[index]
 
 
 class _WeightAverage:
