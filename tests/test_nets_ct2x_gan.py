@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
@@ -152,6 +153,18 @@ def test_without_pam_there_is_no_mip_and_the_content_code_is_the_query() -> None
         assert network(data["ct"], data["label"], style_image=data["style_image"]).shape == (2, 1, 32, 32)
     with pytest.raises(ValueError, match="no pose attention"):
         network.content_code(ct_code, data["label"], data["mip"])
+
+
+def test_the_ct_encoder_runs_channels_last_and_computes_what_the_plain_layout_computes() -> None:
+    torch.manual_seed(0)
+    encoder = CT2XGANGenerator(TINY).ct_encoder.eval()
+    ct = torch.rand(2, 1, 16, 16, 16)
+    plain = copy.deepcopy(encoder).to(memory_format=torch.contiguous_format)
+    assert all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in encoder.parameters() if p.dim() == 5)
+    assert not plain.layers.down1.conv1.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(encoder(ct), plain.layers(ct).flatten(1), rtol=1e-5, atol=1e-6)
+    encoder.load_state_dict(plain.state_dict())  # values copied in, layout kept
+    assert encoder.layers.down1.conv1.weight.is_contiguous(memory_format=torch.channels_last_3d)
 
 
 def test_without_the_style_encoder_one_learned_style_serves_every_film() -> None:

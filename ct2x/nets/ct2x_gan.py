@@ -198,8 +198,12 @@ class CTEncoder(nn.Module):
             (name, EncoderLayer3d(widths[i], widths[i + 1], stride))
             for i, (name, stride) in enumerate(zip(names, strides))
         ))
+        # Channels-last 3-D convolutions and BatchNorm: forward + backward at 128^3, batch 16, bf16 on an H200
+        # 263 -> 74 ms; forward at 128^3, fp32 on the 2-core CPU 1.18 -> 1.05 s (docs/ct2x_gan.md)
+        self.to(memory_format=torch.channels_last_3d)
 
     def forward(self, ct: Tensor) -> Tensor:
+        ct = ct.contiguous(memory_format=torch.channels_last_3d)
         return self.layers(ct).flatten(1)  # (N, C_latent, S/8, S/8, S/8) -> (N, code length)
 
 
