@@ -186,7 +186,10 @@ def test_model_file_round_trip(generator: CVAAGenerator, tmp_path) -> None:
     assert isinstance(loaded, CVAAGenerator) and loaded.config == TINY and loaded_info.kind == "cvaa-biplanar"
     pa, lateral = films(1, 64, 7), films(1, 64, 8)
     with torch.no_grad():
-        assert torch.equal(loaded(pa, lateral), generator(pa, lateral))
+        # Same weights, bitwise; the outputs agree to float32 rounding (on a CPU without AVX-512 oneDNN's kernels
+        # differ by 6e-7 between two modules holding equal weights at other addresses).
+        torch.testing.assert_close(loaded(pa, lateral), generator(pa, lateral), rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), generator.state_dict().values()))
 
 
 def test_the_network_runs_on_the_meta_device() -> None:

@@ -268,9 +268,10 @@ def test_import_command_writes_a_model_file_that_computes_the_checkpoints_functi
     assert len(info.source["sha256"]) == 64 and info.outputs["voxel_mm"] == 2.5
     expected = official_network("single").eval()
     expected.load_state_dict(official_to_ct2x(state, "single"))
-    film = torch.rand(1, 1, 128, 128)
-    with torch.no_grad():
-        assert torch.equal(network(film), expected(film))
+    assert type(network) is type(expected) and network.state_dict().keys() == expected.state_dict().keys()
+    # The same network with bitwise the same weights; outputs are not compared bitwise: these weights amplify float32
+    # rounding, which differs between two modules at other addresses on CPUs without AVX-512 (see the golden tests).
+    assert all(torch.equal(a, b) for a, b in zip(network.state_dict().values(), expected.state_dict().values()))
 
     del state[next(iter(state))]  # the first convolution's weight is missing
     torch.save({"iters": 1, "epoch": 30, "state_dict": state, "lr": 2e-4}, checkpoint)
