@@ -151,6 +151,7 @@ def test_a_time_limit_stops_with_a_checkpoint_and_a_model_and_resume_finishes(pr
     assert main([*args, "--resume"]) == 0 and "3 steps" in capsys.readouterr().out
     assert [row["step"] for row in csv.DictReader((run / "log.csv").open())][-1] == "3"
     assert main([*args[:4], str(tmp_path / "other"), *args[5:], "--time-limit", "-1"]) == 2
+    assert not (tmp_path / "other").exists()  # refused before any run folder is made
 
 
 @pytest.mark.parametrize("options, expected", [

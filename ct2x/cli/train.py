@@ -112,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
                                     "no_consistency") if getattr(args, name)]
     if synth_only and args.task != "synth":
         raise CT2XInputError(f"--{synth_only[0].replace('_', '-')} is for `train synth` (CT2X-GAN)")
+    if args.time_limit is not None and args.time_limit < 0:
+        raise CT2XInputError(f"--time-limit {args.time_limit}: must be minutes >= 0")
     if args.resume:
         config = TrainConfig.load(run_dir / CONFIG_FILE)
     else:
@@ -129,8 +131,6 @@ def run(args: argparse.Namespace) -> int:
         if first_process:
             run_dir.mkdir(parents=True, exist_ok=True)
             config.save(run_dir / CONFIG_FILE)
-    if args.time_limit is not None and args.time_limit < 0:
-        raise CT2XInputError(f"--time-limit {args.time_limit}: must be minutes >= 0")
     trainer = Trainer(config, run_dir, device, resume=args.resume)
     trainer.run(progress=not args.quiet, time_limit_s=None if args.time_limit is None else args.time_limit * 60)
     if first_process:

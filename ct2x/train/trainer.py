@@ -114,10 +114,12 @@ class Trainer:
     def _out_of_time(self, started: float, time_limit_s: float) -> bool:
         """Whether `time_limit_s` has passed since `started`; under torchrun, whether it has for any process, so that
         all stop at the same step."""
-        out = torch.tensor(float(time.perf_counter() - started >= time_limit_s), device=self.device)
-        if self.world > 1:
-            dist.all_reduce(out, op=dist.ReduceOp.MAX)
-        return bool(out)
+        out = time.perf_counter() - started >= time_limit_s
+        if self.world == 1:
+            return out
+        flag = torch.tensor(float(out), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag)
 
     # --- data order ---------------------------------------------------------------------------------------------
     def _batches(self) -> Iterator[Dict[str, torch.Tensor]]:
