@@ -5,8 +5,12 @@ Issue 14's GPU goal is a 256² view of a 128³ volume in at most 0.1 ms per view
 source-to-detector 1020 mm, source-to-isocentre 700 mm, a 430 mm square detector of 256² pixels: the geometry of
 `bench_projector.py`), after `prepare` has re-sliced what they need. Volumes: the built-in chest phantom at 128³ x
 2.5 mm (always there), and the real chest CT 512 x 512 x 141 when the data folder has it; attenuation as in
-`bench_projector.py` (mu = 0.02 /mm x max(0, 1 + HU/1000)). Besides the time per batch it reports the share of
-ray planning (numpy, on the CPU whatever the device), which a GPU does not speed up.
+`bench_projector.py` (mu = 0.02 /mm x max(0, 1 + HU/1000)).
+
+Both of the projector's paths are timed in the same run: per view (`batched=False`, the CPU default: numpy ray
+planning per view, only the rays that meet a chunk of slabs sampled), whose numpy planning time per view is reported
+too, as a GPU does not speed it up; and batched (`batched=True`, the GPU default, `ct2x/projector/view_batch.py`:
+planning on the device, one sampling call per stack and chunk of slabs for all views).
 
     python bench/bench_views.py [--device cuda] [--data-dir ../shared/data] [--views 1,16,64] [--repeats 5]
 """
@@ -14,6 +18,7 @@ ray planning (numpy, on the CPU whatever the device), which a GPU does not speed
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -72,11 +77,13 @@ def median_ms(call: Callable[[], object], device: torch.device, repeats: int) ->
 
 
 def measure(mu: np.ndarray, affine: np.ndarray, counts: List[int], device: torch.device, repeats: int) -> list:
-    """One row per batch size: batch ms, ms per view, planning ms per view, preparation ms."""
+    """One row per path and batch size: batch ms, ms per view, planning ms per view, preparation ms."""
     volume = torch.from_numpy(mu).to(device)[None, None]  # (1, 1, K, J, I)
     workers = torch.get_num_threads() if device.type == "cpu" else 1
-    return [measure_batch(SliceWarpProjector(volume, affine, workers=workers), views_of(affine, mu.shape, count),
-                          device, repeats) for count in counts]
+    return [{"path": "batched" if batched else "per view",
+             **measure_batch(SliceWarpProjector(volume, affine, workers=workers, batched=batched),
+                             views_of(affine, mu.shape, count), device, repeats)}
+            for batched in (False, True) for count in counts]
 
 
 def measure_batch(projector: SliceWarpProjector, views: list, device: torch.device, repeats: int) -> dict:
@@ -85,7 +92,8 @@ def measure_batch(projector: SliceWarpProjector, views: list, device: torch.devi
     prepare_ms = (time.perf_counter() - start) * 1e3
     with torch.no_grad():
         batch_ms = median_ms(lambda: projector.project(views), device, repeats)
-    planning_ms = median_ms(lambda: [projector._plans(view) for view in views], torch.device("cpu"), repeats)
+    planning_ms = (median_ms(lambda: [projector._plans(view) for view in views], torch.device("cpu"), repeats)
+                   if not projector.batched else math.nan)
     return {"views": len(views), "batch_ms": batch_ms, "per_view_ms": batch_ms / len(views),
             "planning_per_view_ms": planning_ms / len(views), "prepare_ms": prepare_ms}
 
@@ -106,13 +114,14 @@ def main() -> None:
     print(f"Machine: {facts['cpu']}, {facts['cores']} cores, {facts['memory_gib']:.1f} GiB, Python {facts['python']}, "
           f"torch {facts['torch']}, {args.threads} threads{gpu}; device {device}; load average "
           f"{load_average() or 0:.2f}\n")
-    print("| volume | views per batch | ms per batch | ms per view | of which planning ms per view (CPU) | "
+    print("| volume | path | views per batch | ms per batch | ms per view | of which numpy planning ms per view | "
           "preparation ms |")
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for name, (mu, affine) in volumes(args.data_dir).items():
         for row in measure(mu, affine, counts, device, args.repeats):
-            print(f"| {name} | {row['views']} | {row['batch_ms']:.1f} | {row['per_view_ms']:.2f} | "
-                  f"{row['planning_per_view_ms']:.2f} | {row['prepare_ms']:.0f} |")
+            planning = "" if math.isnan(row["planning_per_view_ms"]) else f"{row['planning_per_view_ms']:.2f}"
+            print(f"| {name} | {row['path']} | {row['views']} | {row['batch_ms']:.1f} | {row['per_view_ms']:.2f} | "
+                  f"{planning} | {row['prepare_ms']:.0f} |")
     print(f"\nGoal (issue 14, GPU): a 256² view of a 128³ volume in <= {GOAL_MS_PER_VIEW} ms within a batch of views.")
 
 

@@ -84,6 +84,13 @@ class Detector:
         """Image array shape (rows, columns)."""
         return (self.height_px, self.width_px)
 
+    def pixel_offsets_mm(self) -> Tuple[np.ndarray, np.ndarray]:
+        """Pixel centres from the detector centre, mm: down the rows (H,) and along the columns (W,)."""
+        du, dv = self.pixel_spacing_mm
+        rows = (np.arange(self.height_px) + 0.5 - self.height_px / 2) * dv
+        cols = (np.arange(self.width_px) + 0.5 - self.width_px / 2) * du
+        return rows, cols
+
 
 @dataclass(frozen=True)
 class View:
@@ -157,9 +164,7 @@ class View:
 
     def pixel_centers_ras(self) -> np.ndarray:
         """(H, W, 3) float64 centre of every detector pixel, RAS mm."""
-        du, dv = self.detector.pixel_spacing_mm
-        cols = (np.arange(self.detector.width_px) + 0.5 - self.detector.width_px / 2) * du  # (W,) mm
-        rows = (np.arange(self.detector.height_px) + 0.5 - self.detector.height_px / 2) * dv  # (H,) mm
+        rows, cols = self.detector.pixel_offsets_mm()  # (H,), (W,) mm
         return (self.detector_center_ras
                 + rows[:, None, None] * self.row_direction
                 + cols[None, :, None] * self.column_direction)

@@ -121,6 +121,11 @@ class SliceWarpProjector:
     `slab_lengths` limits the slab lengths a view may take (default: all up to `max_slab`); a view takes the longest
     allowed one its rays permit. With `merge_slabs`, (1, 2, 3, 4, 6, 8) leaves only lengths 1, 2 and 3 to re-slice.
 
+    `batched=True` (the default on GPUs) projects the views of one detector together in line-integral mode
+    (`view_batch.py`): planning on the device and one sampling call per stack and chunk of slabs for all of them,
+    every ray taking every slab; the same films to float32 rounding. On a CPU, where time follows the samples taken,
+    the per-view path is faster.
+
     `shear=False` keeps every slab straight. A slider's renderer wants that: where a shear pays changes between the
     angles a sweep's preparation samples, so a view in between could need a sheared stack that nobody prepared.
 
@@ -132,7 +137,7 @@ class SliceWarpProjector:
     def __init__(self, volume: torch.Tensor, affine: np.ndarray, antialias: bool = True, max_slab: int = 8,
                  max_drift_voxels: float = 2.0, workers: int = 1, shear: bool = True,
                  stack_dtype: Optional[torch.dtype] = None, slab_lengths: Optional[Sequence[int]] = None,
-                 merge_slabs: bool = False):
+                 merge_slabs: bool = False, batched: Optional[bool] = None):
         if volume.ndim != 5:
             raise CT2XInputError(f"projector volume must be (B, C, K, J, I), got shape {tuple(volume.shape)}")
         if min(volume.shape[2:]) < 2:
@@ -159,6 +164,7 @@ class SliceWarpProjector:
         self._stacks: Dict[Tuple[int, int, int, int, int, int, str], torch.Tensor] = {}
         self._staging: Dict[int, torch.Tensor] = {}  # per thread: flat CPU buffer its chunk is copied into
         self.workers = max(1, int(workers))
+        self.batched = volume.device.type != "cpu" if batched is None else batched
         self._pool: Optional[ThreadPoolExecutor] = None
 
     # --- public ---------------------------------------------------------------------------------------------
@@ -166,6 +172,10 @@ class SliceWarpProjector:
         """Every volume at every view -> (B, P, C, H, W): line integrals (value x mm) or maxima along rays."""
         if mode not in MODES:
             raise CT2XInputError(f"projection mode {mode!r} is unknown; use one of {MODES}")
+        if self.batched and mode == "sum" and len({(view.detector, view.beam) for view in views}) == 1:
+            from .view_batch import project_view_batch  # it builds on this module
+
+            return project_view_batch(self, views)
         with single_threaded_ops(self._worker_pool(self.volume.device) is not None):
             return torch.stack([self._project_view(view, mode) for view in views], dim=1)
 
@@ -203,38 +213,53 @@ class SliceWarpProjector:
         best_axis = _argmax_of_three(np.abs(offsets_vox))  # (H, W)
         main_axes = np.flatnonzero(np.bincount(best_axis.ravel(), minlength=3))
         pitch_mm = self._detector_pitch_at_volume(view)
-        plans = []
+        regions = []  # (main axis, the pixels whose rays cross it in one direction; None = all)
         for main in (int(m) for m in main_axes):
+            uses = best_axis == main if len(main_axes) > 1 else None
+            forward = offsets_vox[main] > 0  # (H, W) towards increasing index
+            ahead = forward if uses is None else uses & forward
+            behind = ~forward if uses is None else uses & ~forward
+            # Both directions only when the source lies between the detector's ends along `main` (a source inside
+            # the volume): a region's slabs in front of the source are counted in one direction.
+            regions += [(main, ahead), (main, behind)] if ahead.any() and behind.any() else [(main, uses)]
+        plans = []
+        for main, uses in regions:
             rows = cols = slice(None)
             mask = None
-            if len(main_axes) > 1:
-                uses = best_axis == main
+            if uses is not None:
                 rows, cols = _span(uses.any(1)), _span(uses.any(0))
                 mask = uses[rows, cols]
             offsets = offsets_vox[:, rows, cols]  # (3, h, w) index steps along each ray
             slope = offsets / offsets[main]  # (3, h, w), never above sqrt(3) in size
             along = offsets[main] / lengths_mm[rows, cols]  # (h, w) main index per mm
             row_axis, col_axis = _SLICE_LAYOUT[main][1]
-            pool_rows = pool_cols = slab = 1
-            shear_rows = shear_cols = 0
-            if self.antialias:
-                pool_rows = self._pool_factor(pitch_mm, row_axis)
-                pool_cols = self._pool_factor(pitch_mm, col_axis)
-                # Straight slabs, or slabs sheared along the rays' middle slope (to the nearest SHEAR_STEP), so
-                # that only the rays' spread about it limits the slab length, not their common slant. A shear costs
-                # an interpolation of each slice, so it is taken only where it at least doubles the slab length.
-                slab = self._slab_length(max(_largest(slope[row_axis], mask) / pool_rows,
-                                             _largest(slope[col_axis], mask) / pool_cols), main)
-                if self.shear:
-                    rows_shear, drift_rows = _shear_and_drift(slope[row_axis], mask, pool_rows)
-                    cols_shear, drift_cols = _shear_and_drift(slope[col_axis], mask, pool_cols)
-                    sheared = self._slab_length(max(drift_rows, drift_cols), main)
-                    if sheared >= 2 * slab:
-                        slab, shear_rows, shear_cols = sheared, rows_shear, cols_shear
+            slab, pool_rows, pool_cols, shear_rows, shear_cols = self._stack_choice(
+                main, pitch_mm, _low_high(slope[row_axis], mask), _low_high(slope[col_axis], mask))
             origins = origins_vox if origins_vox.shape[1:] == (1, 1) else origins_vox[:, rows, cols]
             plans.append(_RayPlan(main, slab, pool_rows, pool_cols, shear_rows, shear_cols, rows, cols, mask,
                                   origins, pixels_vox[main, rows, cols], along, slope))
         return plans
+
+    def _stack_choice(self, main: int, pitch_mm: float, row_slopes: Tuple[float, float],
+                      col_slopes: Tuple[float, float]) -> Tuple[int, int, int, int, int]:
+        """Slab length, filter factors and shears (`_RayPlan`'s) for rays across `main` whose slopes (index change per
+        slice along the slice rows and columns, original voxels) span these (low, high) ranges."""
+        if not self.antialias:
+            return 1, 1, 1, 0, 0
+        row_axis, col_axis = _SLICE_LAYOUT[main][1]
+        pool_rows, pool_cols = self._pool_factor(pitch_mm, row_axis), self._pool_factor(pitch_mm, col_axis)
+        largest = max(max(map(abs, row_slopes)) / pool_rows, max(map(abs, col_slopes)) / pool_cols)
+        slab = self._slab_length(largest, main)
+        if self.shear:
+            # Slabs sheared along the rays' middle slope (to the nearest SHEAR_STEP), so that only the rays' spread
+            # about it limits the slab length, not their common slant. A shear costs an interpolation of each
+            # slice, so it is taken only where it at least doubles the slab length.
+            shear_rows, drift_rows = _shear_and_drift(*row_slopes, pool_rows)
+            shear_cols, drift_cols = _shear_and_drift(*col_slopes, pool_cols)
+            sheared = self._slab_length(max(drift_rows, drift_cols), main)
+            if sheared >= 2 * slab:
+                return sheared, pool_rows, pool_cols, shear_rows, shear_cols
+        return slab, pool_rows, pool_cols, 0, 0
 
     def _rays_vox(self, view: View) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The view's rays in voxel index space, index axis (i, j, k) first so that numpy runs along whole rows:
@@ -244,9 +269,7 @@ class SliceWarpProjector:
         Pixel centres are affine in (row, column), so they are built from the detector's centre and axes mapped to
         voxel index space once, rather than mapping every pixel from RAS.
         """
-        du, dv = view.detector.pixel_spacing_mm
-        cols_mm = (np.arange(view.detector.width_px) + 0.5 - view.detector.width_px / 2) * du  # (W,)
-        rows_mm = (np.arange(view.detector.height_px) + 0.5 - view.detector.height_px / 2) * dv  # (H,)
+        rows_mm, cols_mm = view.detector.pixel_offsets_mm()  # (H,), (W,)
         centre_vox = world_to_voxel(self.affine, view.detector_center_ras[None])[0]  # (3,) ijk
         row_vox = self.voxel_per_mm @ view.row_direction  # (3,) index steps per mm down the rows
         col_vox = self.voxel_per_mm @ view.column_direction
@@ -641,16 +664,16 @@ def _argmax_of_three(values: np.ndarray) -> np.ndarray:
     return best
 
 
-def _largest(values: np.ndarray, mask: Optional[np.ndarray]) -> float:
-    """max |values| over the pixels where `mask` is True (all pixels when it is None)."""
-    return float(np.abs(values if mask is None else values[mask]).max())
+def _low_high(values: np.ndarray, mask: Optional[np.ndarray]) -> Tuple[float, float]:
+    """min and max of `values` over the pixels where `mask` is True (all pixels when it is None)."""
+    chosen = values if mask is None else values[mask]
+    return float(chosen.min()), float(chosen.max())
 
 
-def _shear_and_drift(slopes: np.ndarray, mask: Optional[np.ndarray], pool: int) -> Tuple[int, float]:
-    """The slab shear (in SHEAR_STEPs) nearest the middle of these rays' slopes (index change per slice, original
-    voxels) and their largest sideways drift from it per slice, in voxels filtered by `pool`."""
-    values = (slopes if mask is None else slopes[mask]) / pool  # filtered voxels per slice
-    low, high = float(values.min()), float(values.max())
+def _shear_and_drift(low: float, high: float, pool: int) -> Tuple[int, float]:
+    """The slab shear (in SHEAR_STEPs) nearest the middle of rays' slopes from `low` to `high` (index change per
+    slice, original voxels) and their largest sideways drift from it per slice, in voxels filtered by `pool`."""
+    low, high = low / pool, high / pool  # filtered voxels per slice
     shear = int(round((low + high) / 2.0 / SHEAR_STEP))
     return shear, max(high - shear * SHEAR_STEP, shear * SHEAR_STEP - low)
 
