@@ -415,7 +415,8 @@ def test_xraysyn_backprojection_spreads_a_pixel_along_its_ray():
 @pytest.mark.parametrize("antialias", [True, False])
 def test_a_batch_of_views_gives_each_views_own_image(beam, antialias):
     """The batched path (planning on the device, every ray through every slab of its stack) against the per-view
-    path: wide-cone obliques split by main axis, tilts, a sheared slab, a detector and a source in the volume, views aimed beside it."""
+    path: wide-cone obliques split by main axis, tilts, a sheared slab, a detector and a source inside the volume,
+    views aimed beside it."""
     rng = np.random.default_rng(5)
     volumes = torch.nn.functional.avg_pool3d(torch.from_numpy(rng.random((2, 2, 30, 34, 38))), 3, 1, 1).float()
     affine = np.array([[-1.2, 0.1, 0, 20], [0.05, -1.1, 0, 15], [0, 0, 1.6, -30], [0, 0, 0, 1.0]])
