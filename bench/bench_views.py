@@ -10,7 +10,8 @@ source-to-detector 1020 mm, source-to-isocentre 700 mm, a 430 mm square detector
 Both of the projector's paths are timed in the same run: per view (`batched=False`, the CPU default: numpy ray
 planning per view, only the rays that meet a chunk of slabs sampled), whose numpy planning time per view is reported
 too, as a GPU does not speed it up; and batched (`batched=True`, the GPU default, `ct2x/projector/view_batch.py`:
-planning on the device, one sampling call per stack and chunk of slabs for all views).
+planning on the device, one sampling call per stack and chunk of slabs for all views), with the relative L2
+difference of the batched path's films from the per-view path's.
 
     python bench/bench_views.py [--device cuda] [--data-dir ../shared/data] [--views 1,16,64] [--repeats 5]
 """
@@ -77,13 +78,22 @@ def median_ms(call: Callable[[], object], device: torch.device, repeats: int) ->
 
 
 def measure(mu: np.ndarray, affine: np.ndarray, counts: List[int], device: torch.device, repeats: int) -> list:
-    """One row per path and batch size: batch ms, ms per view, planning ms per view, preparation ms."""
+    """One row per batch size and path: batch ms, ms per view, planning ms per view, preparation ms, and the
+    batched films' relative L2 difference from the per-view path's."""
     volume = torch.from_numpy(mu).to(device)[None, None]  # (1, 1, K, J, I)
     workers = torch.get_num_threads() if device.type == "cpu" else 1
-    return [{"path": "batched" if batched else "per view",
-             **measure_batch(SliceWarpProjector(volume, affine, workers=workers, batched=batched),
-                             views_of(affine, mu.shape, count), device, repeats)}
-            for batched in (False, True) for count in counts]
+    rows = []
+    for count in counts:
+        views = views_of(affine, mu.shape, count)
+        films = {}
+        for batched in (False, True):
+            projector = SliceWarpProjector(volume, affine, workers=workers, batched=batched)
+            rows.append({"path": "batched" if batched else "per view",
+                         **measure_batch(projector, views, device, repeats)})
+            with torch.no_grad():
+                films[batched] = projector.project(views).double()
+        rows[-1]["difference"] = float(torch.norm(films[True] - films[False]) / torch.norm(films[False]))
+    return rows
 
 
 def measure_batch(projector: SliceWarpProjector, views: list, device: torch.device, repeats: int) -> dict:
@@ -114,14 +124,15 @@ def main() -> None:
     print(f"Machine: {facts['cpu']}, {facts['cores']} cores, {facts['memory_gib']:.1f} GiB, Python {facts['python']}, "
           f"torch {facts['torch']}, {args.threads} threads{gpu}; device {device}; load average "
           f"{load_average() or 0:.2f}\n")
-    print("| volume | path | views per batch | ms per batch | ms per view | of which numpy planning ms per view | "
-          "preparation ms |")
-    print("|---|---|---|---|---|---|---|")
+    print("| volume | views per batch | path | ms per batch | ms per view | of which numpy planning ms per view | "
+          "preparation ms | films' relative L2 difference from the per-view path |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, (mu, affine) in volumes(args.data_dir).items():
         for row in measure(mu, affine, counts, device, args.repeats):
             planning = "" if math.isnan(row["planning_per_view_ms"]) else f"{row['planning_per_view_ms']:.2f}"
-            print(f"| {name} | {row['path']} | {row['views']} | {row['batch_ms']:.1f} | {row['per_view_ms']:.2f} | "
-                  f"{planning} | {row['prepare_ms']:.0f} |")
+            difference = f"{row['difference']:.1e}" if "difference" in row else ""
+            print(f"| {name} | {row['views']} | {row['path']} | {row['batch_ms']:.1f} | {row['per_view_ms']:.2f} | "
+                  f"{planning} | {row['prepare_ms']:.0f} | {difference} |")
     print(f"\nGoal (issue 14, GPU): a 256² view of a 128³ volume in <= {GOAL_MS_PER_VIEW} ms within a batch of views.")
 
 
