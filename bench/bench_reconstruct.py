@@ -105,6 +105,18 @@ def foreign_cpu_percent(before: Optional[tuple], after: Optional[tuple]) -> Opti
     return 100.0 * max(0.0, busy - own) / total if total > 0 else 0.0
 
 
+def load_bench_ct(path: Path):
+    """A CT file (`ct2x.io.load_ct`), or the .npz that `bench/chest_npz.py` writes for a machine without SimpleITK."""
+    if path.suffix == ".npz":
+        from ct2x.volume import CTVolume
+
+        with np.load(path) as arrays:
+            return CTVolume(arrays["hu"].astype(np.float32), arrays["affine"], source=str(path))
+    from ct2x.io import load_ct
+
+    return load_ct(path)
+
+
 def load_average() -> Optional[float]:
     try:
         return os.getloadavg()[0]

@@ -11,7 +11,7 @@ median of repeats. A second table does the same for the vertical angle (C-arm ti
 that keeps one core busy, as another program on a desktop would) and prints the ratios busy / quiet.
 
     python bench/bench_slider.py [--data-dir ../shared/data] [--repeats 5] [--step 15] [--threads 2] [--busy]
-                                 [--device cuda]
+                                 [--device cuda] [--ct CT_OR_NPZ]
 """
 
 from __future__ import annotations
@@ -30,14 +30,29 @@ import torch
 
 from ct2x.drr import DRRRenderer, Physics, fitted_detector_spacing_mm
 from ct2x.geometry import CArm
-from ct2x.io import load_ct
-from ct2x.vtk_bridge import radiograph_to_vtk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_reconstruct import cpu_snapshot, foreign_cpu_percent, load_average, machine_facts  # noqa: E402
+from bench_reconstruct import (  # noqa: E402  (bench/ is no package)
+    cpu_snapshot,
+    foreign_cpu_percent,
+    load_average,
+    load_bench_ct,
+    machine_facts,
+)
+
+try:
+    from ct2x.vtk_bridge import radiograph_to_vtk
+except ImportError:  # no vtk (the lent GPU machine): the render alone is timed, and the output says so
+    radiograph_to_vtk = None
 
 PHYSICS = {"60 kV polychromatic": Physics(), "50 keV monochromatic": Physics(energy_kev=50.0)}
 TILTED = [(0.0, 30.0), (45.0, 15.0), (45.0, 30.0), (45.0, 45.0), (90.0, 30.0)]  # (primary, secondary) deg
+
+
+def to_output_image(radiograph) -> None:
+    """The film handed to the module's output image (vtkImageData), as CT2XSynth does; nothing without vtk."""
+    if radiograph_to_vtk is not None:
+        radiograph_to_vtk(radiograph)
 
 
 def update_ms(renderer: DRRRenderer, primary: float, secondary: float, repeats: int) -> float:
@@ -50,7 +65,7 @@ def drag_ms(renderer: DRRRenderer, views: list) -> list:
     times = []
     for primary, secondary in views:
         start = time.perf_counter()
-        radiograph_to_vtk(renderer.render(primary, secondary))
+        to_output_image(renderer.render(primary, secondary))
         times.append((time.perf_counter() - start) * 1e3)
     return times
 
@@ -61,7 +76,7 @@ def measure(volume, carm: CArm, physics: Physics, angles: List[float], repeats: 
     before = cpu_snapshot()
     start = time.perf_counter()
     renderer = DRRRenderer(volume, carm, physics, device=device)  # a film comes back as numpy: synchronised
-    radiograph_to_vtk(renderer.render(0.0))
+    to_output_image(renderer.render(0.0))
     first = (time.perf_counter() - start) * 1e3
     drag = drag_ms(renderer, [(float(a), 0.0) for a in range(-90, 91)])
     per_angle = [update_ms(renderer, angle, 0.0, repeats) for angle in angles]
@@ -127,10 +142,12 @@ def main() -> None:
                         help="torch threads; the renderer projects with as many single-threaded workers")
     parser.add_argument("--busy", action="store_true", help="run again beside one competing busy process")
     parser.add_argument("--device", default="cpu", help="where the renderer projects: cpu (default) or cuda")
+    parser.add_argument("--ct", type=Path, help="the CT (default: the data folder's chest), or its .npz from "
+                                                "bench/chest_npz.py on a machine without SimpleITK")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    volume = load_ct(args.data_dir / "ct" / "chest_popi_phase00.nii.gz")
+    volume = load_bench_ct(args.ct or args.data_dir / "ct" / "chest_popi_phase00.nii.gz")
     carm = CArm()
     carm = carm.with_detector(256, fitted_detector_spacing_mm(volume, carm, 256))
     angles = [-90.0 + i * args.step for i in range(int(180 / args.step) + 1)]
@@ -139,7 +156,9 @@ def main() -> None:
           f" {facts['memory_gib']:.1f} GiB, Python {facts['python']}, torch {facts['torch']}, {args.threads} threads"
           + (f", GPU {facts['gpu']} (CUDA {facts['cuda']})" if "gpu" in facts else "") + f"; device {args.device}")
     print(f"chest CT {volume.hu.shape[::-1]} voxels, 256^2 detector at {carm.detector.pixel_spacing_mm[0]:.2f} mm, "
-          f"median of {args.repeats} after a warm-up\n")
+          f"median of {args.repeats} after a warm-up"
+          + ("" if radiograph_to_vtk else "; vtk is missing: the render alone, not its conversion to vtkImageData")
+          + "\n")
     runs = [("without a competing process", contextlib.nullcontext())]
     if args.busy:
         runs.append(("beside one busy process", busy_process()))

@@ -14,6 +14,7 @@ planning on the device, one sampling call per stack and chunk of slabs for all v
 difference of the batched path's films from the per-view path's.
 
     python bench/bench_views.py [--device cuda] [--data-dir ../shared/data] [--views 1,16,64] [--repeats 5]
+                                [--ct CT_OR_NPZ]
 """
 
 from __future__ import annotations
@@ -32,28 +33,26 @@ import torch
 
 from ct2x import phantoms
 from ct2x.geometry import CArm, Detector
-from ct2x.io import load_ct
 from ct2x.projector import SliceWarpProjector
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_projector import CHEST_CT, DETECTOR_MM, SOURCE_TO_DETECTOR_MM, SOURCE_TO_ISOCENTER_MM  # noqa: E402
-from bench_reconstruct import load_average, machine_facts, synchronize  # noqa: E402
+from bench_reconstruct import load_average, load_bench_ct, machine_facts, synchronize  # noqa: E402
 from peers import hu_to_mu  # noqa: E402
 
 GOAL_MS_PER_VIEW = 0.1  # issue 14, GPU: a 256² view of a 128³ volume within a batch of views
 SIZE_PX = 256
 
 
-def volumes(data_dir: Path) -> Dict[str, tuple]:
+def volumes(path: Path) -> Dict[str, tuple]:
     """name -> (mu (K, J, I) float32 1/mm, voxel -> RAS affine)."""
     phantom = phantoms.chest(size=128, spacing_mm=2.5)
     found = {"chest phantom 128³": (hu_to_mu(phantom.hu), phantom.affine)}
-    path = data_dir / CHEST_CT
     if path.is_file():
-        chest = load_ct(path)
+        chest = load_bench_ct(path)
         found["real chest 512²×141"] = (hu_to_mu(chest.hu), chest.affine)
     else:
-        print(f"{path}: not found, the real chest is left out (pass --data-dir)")
+        print(f"{path}: not found, the real chest is left out (pass --data-dir or --ct)")
     return found
 
 
@@ -115,6 +114,8 @@ def main() -> None:
     parser.add_argument("--views", default="1,16,64", help="batch sizes, comma-separated")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (CPU: as many projector workers)")
+    parser.add_argument("--ct", type=Path, help="the real chest (default: the data folder's), or its .npz from "
+                                                "bench/chest_npz.py on a machine without SimpleITK")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -127,7 +128,7 @@ def main() -> None:
     print("| volume | views per batch | path | ms per batch | ms per view | of which numpy planning ms per view | "
           "preparation ms | films' relative L2 difference from the per-view path |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, (mu, affine) in volumes(args.data_dir).items():
+    for name, (mu, affine) in volumes(args.ct or args.data_dir / CHEST_CT).items():
         for row in measure(mu, affine, counts, device, args.repeats):
             planning = "" if math.isnan(row["planning_per_view_ms"]) else f"{row['planning_per_view_ms']:.2f}"
             difference = f"{row['difference']:.1e}" if "difference" in row else ""
