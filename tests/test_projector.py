@@ -426,6 +426,7 @@ def test_a_batch_of_views_gives_each_views_own_image(beam, antialias):
     views = [wide.view(*angles, center) for angles in ((0, 0), (45, 0), (-30, 20), (100, -15), (180, 5), (30, 70))]
     views.append(CArm(100, 90, detector, beam=beam).view(20, 0, center))  # the detector inside the volume
     views.append(CArm(60, 10, detector, beam=beam).view(-20, 5, center))  # the source inside
+    views.append(CArm(60, 5, detector, beam=beam).view(20, 10, center))  # an axis crossed both ways, two stacks
     views += [wide.view(0, 0, center + offset) for offset in ([150, 0, 0], [0, 40, 130])]  # aimed beside it
     sheared = narrow.view(40, 10, center)
     batched = SliceWarpProjector(volumes, affine, antialias=antialias, batched=True)

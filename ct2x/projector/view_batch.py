@@ -29,6 +29,8 @@ from .slicewarp import _SLICE_LAYOUT, SliceWarpProjector, _shear_pad, single_thr
 _SAMPLES_PER_CALL = 1 << 24
 # Views planned together: the rays of 64 views of 256^2 pixels take 100 MB per float64 (P, 3, H, W) tensor.
 _VIEWS_PER_BATCH = 64
+# Which of a view's rays across a main axis a stack serves: all, or those towards increasing / decreasing index.
+_BOTH, _FORWARD, _BACKWARD = 0, 1, 2
 
 
 def project_view_batch(projector: SliceWarpProjector, views: Sequence[View]) -> Tensor:
@@ -45,10 +47,12 @@ def _project_batch(projector: SliceWarpProjector, views: Sequence[View]) -> Tens
     result = projector.volume.new_zeros(batch * channels, len(views), height, width)
     for key, members in _stack_users(projector, views, rays).items():
         main = key[0]
-        selected = rays.select(members, main)
+        selected = rays.select([index for index, _ in members], main)
         part = _integrate(projector, key, selected)  # (B*C, P', H, W)
         chosen = selected.views
-        uses = rays.best_axis[chosen] == main  # (P', H, W)
+        directions = torch.tensor([direction for _, direction in members], device=chosen.device)[:, None, None]
+        forward = rays.offsets[chosen, main] > 0  # (P', H, W)
+        uses = (rays.best_axis[chosen] == main) & ((directions == _BOTH) | (forward == (directions == _FORWARD)))
         result[:, chosen] = torch.where(uses, part, result[:, chosen])
     return result.view(batch, channels, len(views), height, width).transpose(1, 2)
 
@@ -139,29 +143,39 @@ class _Rays:
                          limited)
 
 
-def _stack_users(projector: SliceWarpProjector, views: Sequence[View], rays: _Rays) -> Dict[Tuple, List[int]]:
-    """stack key (`_RayPlan.stack_key`) -> the views whose rays of that main axis project with it, in order.
+def _stack_users(projector: SliceWarpProjector, views: Sequence[View],
+                 rays: _Rays) -> Dict[Tuple, List[Tuple[int, int]]]:
+    """stack key (`_RayPlan.stack_key`) -> (view, direction) pairs whose rays of that main axis project with it:
+    _BOTH, or _FORWARD / _BACKWARD (towards increasing / decreasing index) where a view's rays cross the axis both
+    ways and its two directions take different stacks, as the per-view path's regions do.
 
-    The slope ranges of every view and main axis come back to the host in one copy; the choice is the per-view
-    path's (`SliceWarpProjector._stack_choice`)."""
+    The slope ranges of every view, main axis and direction come back to the host in one copy; the choice is the
+    per-view path's (`SliceWarpProjector._stack_choice`)."""
     ranges = []
     for main in range(3):
-        uses = rays.best_axis == main  # (P, H, W)
         row_axis, col_axis = _SLICE_LAYOUT[main][1]
         slope = rays.slopes(main)
-        for axis in (row_axis, col_axis):
-            ranges.append(torch.where(uses, slope[:, axis], torch.inf).amin((1, 2)))  # (P,)
-            ranges.append(torch.where(uses, slope[:, axis], -torch.inf).amax((1, 2)))
-    ranges = torch.stack(ranges, 1).view(len(views), 3, 4).cpu().numpy()  # (P, main, row low/high, col low/high)
-    users: Dict[Tuple, List[int]] = {}
+        forward = rays.offsets[:, main] > 0  # (P, H, W)
+        for direction in (forward, ~forward):
+            uses = (rays.best_axis == main) & direction  # (P, H, W)
+            for axis in (row_axis, col_axis):
+                ranges.append(torch.where(uses, slope[:, axis], torch.inf).amin((1, 2)))  # (P,)
+                ranges.append(torch.where(uses, slope[:, axis], -torch.inf).amax((1, 2)))
+    # (P, main, forward / backward, row low / high and column low / high)
+    ranges = torch.stack(ranges, 1).view(len(views), 3, 2, 4).cpu().numpy()
+    users: Dict[Tuple, List[Tuple[int, int]]] = {}
     for index, view in enumerate(views):
         pitch_mm = projector._detector_pitch_at_volume(view)
         for main in range(3):
-            row_low, row_high, col_low, col_high = ranges[index, main]
-            if row_low > row_high:  # no ray of this view runs across `main`
-                continue
-            choice = projector._stack_choice(main, pitch_mm, (row_low, row_high), (col_low, col_high))
-            users.setdefault((main, *choice), []).append(index)
+            choices = {}
+            for direction, (row_low, row_high, col_low, col_high) in zip((_FORWARD, _BACKWARD), ranges[index, main]):
+                if row_low <= row_high:  # some ray of this view crosses `main` in this direction
+                    choices[direction] = projector._stack_choice(main, pitch_mm, (row_low, row_high),
+                                                                 (col_low, col_high))
+            if len(set(choices.values())) == 1:
+                choices = {_BOTH: next(iter(choices.values()))}
+            for direction, choice in choices.items():
+                users.setdefault((main, *choice), []).append((index, direction))
     pool = projector._worker_pool(projector.volume.device)
     with single_threaded_ops(pool is not None):
         projector._build({key + ("sum",) for key in users}, pool)
