@@ -449,12 +449,16 @@ class SliceWarpProjector:
             return 0, 0
         return int(ahead[0]), int(ahead[-1]) + 1
 
+    def _reaches_past_detector(self, view: View) -> bool:
+        """Whether part of the volume lies past the detector plane, where a ray's samples stop at its pixel."""
+        return bool(np.max((self.corners_ras - view.detector_center_ras) @ view.principal_direction) > 0)
+
     def _slabs_past_detector(self, view: View, slab: int, along: np.ndarray,
                              pixels_main: np.ndarray) -> Optional[Tuple[np.ndarray, bool]]:
         """Per pixel, the slab index from which on (in the ray's direction) slab centres lie past the detector,
         and whether the ray runs towards increasing index; None when the whole volume is in front of the detector.
         """
-        if np.max((self.corners_ras - view.detector_center_ras) @ view.principal_direction) <= 0:
+        if not self._reaches_past_detector(view):
             return None
         last_inside = (pixels_main - (slab - 1) / 2.0) / slab  # (h, w) slab coordinate of each ray's pixel
         increasing = bool(along.flat[0] > 0)

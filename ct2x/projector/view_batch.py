@@ -114,9 +114,7 @@ class _Rays:
         self.best_axis = torch.where(third_axis > torch.maximum(first_axis, second_axis), 2, best)
         self._slopes: Dict[int, Tensor] = {}
         self.cone = first.beam == "cone"  # then a ray starts at the source; a parallel ray crosses the whole volume
-        # Whether some of the volume lies past the detector, where a ray's samples stop at its pixel (P, 1, 1).
-        past = [np.max((projector.corners_ras - view.detector_center_ras) @ view.principal_direction) > 0
-                for view in views]
+        past = [projector._reaches_past_detector(view) for view in views]  # a ray's samples stop at its pixel
         self.cut_at_pixel = torch.tensor(past, device=device)[:, None, None]
         self._past, self._source = np.array(past), far_host if self.cone else None  # on the host: (P,), (P, 3) ijk
         self._shape, self._margin = projector.shape_ijk, projector.max_slab
