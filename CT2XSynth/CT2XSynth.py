@@ -385,7 +385,7 @@ class CT2XSynthLogic(ScriptedLoadableModuleLogic):
                 volume, carm, int(detectorSizePx))  # mm
             carm = carm.with_detector(int(detectorSizePx), spacing)
             physics = Physics(spectrum=spectrum, noise_photons=float(noisePhotons) if noisePhotons > 0 else None)
-            return DRRRenderer(volume, carm, physics, device=device)
+            return DRRRenderer(volume, carm, physics, device=device, material_maps=False)  # the film alone: faster
 
         settings = (PHYSICS_ENGINE, spectrum, int(noisePhotons), float(sourceToDetectorMm), float(sourceToIsocenterMm),
                     int(detectorSizePx), float(pixelSpacingMm), device)

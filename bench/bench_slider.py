@@ -45,7 +45,11 @@ try:
 except ImportError:  # no vtk (the lent GPU machine): the render alone is timed, and the output says so
     radiograph_to_vtk = None
 
-PHYSICS = {"60 kV polychromatic": Physics(), "50 keV monochromatic": Physics(energy_kev=50.0)}
+#: Rows of the tables: physics and whether the renderer keeps the material maps. The module keeps none at 60 kV
+#: (two projected channels, `DRRRenderer(material_maps=False)`); the second row is the three-channel path of `ct2x drr`.
+RENDERINGS = {"60 kV polychromatic (the module)": (Physics(), False),
+              "60 kV polychromatic, material maps": (Physics(), True),
+              "50 keV monochromatic": (Physics(energy_kev=50.0), True)}
 TILTED = [(0.0, 30.0), (45.0, 15.0), (45.0, 30.0), (45.0, 45.0), (90.0, 30.0)]  # (primary, secondary) deg
 
 
@@ -70,12 +74,13 @@ def drag_ms(renderer: DRRRenderer, views: list) -> list:
     return times
 
 
-def measure(volume, carm: CArm, physics: Physics, angles: List[float], repeats: int,
+def measure(volume, carm: CArm, physics: Physics, material_maps: bool, angles: List[float], repeats: int,
             device: str = "cpu") -> Dict[str, object]:
     """Every figure of one row of both tables (ms), and the foreign CPU share (%) while they were taken."""
     before = cpu_snapshot()
     start = time.perf_counter()
-    renderer = DRRRenderer(volume, carm, physics, device=device)  # a film comes back as numpy: synchronised
+    renderer = DRRRenderer(volume, carm, physics, device=device,  # a film comes back as numpy: synchronised
+                           material_maps=material_maps)
     to_output_image(renderer.render(0.0))
     first = (time.perf_counter() - start) * 1e3
     drag = drag_ms(renderer, [(float(a), 0.0) for a in range(-90, 91)])
@@ -166,8 +171,8 @@ def main() -> None:
     for name, context in runs:
         load_before = load_average()
         with context:
-            results[name] = {label: measure(volume, carm, physics, angles, args.repeats, args.device)
-                             for label, physics in PHYSICS.items()}
+            results[name] = {label: measure(volume, carm, physics, maps, angles, args.repeats, args.device)
+                             for label, (physics, maps) in RENDERINGS.items()}
         print(f"### {name} (load average {load_before or 0:.2f} -> {load_average() or 0:.2f}; foreign CPU: the "
               "share of the machine other processes used while timing)\n")
         print_tables(results[name], angles)

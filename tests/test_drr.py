@@ -110,6 +110,22 @@ def test_film_is_the_exact_spectrum_sum_to_the_table_tolerance(chest_renderer):
     assert np.abs(film.attenuation - exact).max() < 2e-4
 
 
+
+def test_a_renderer_without_material_maps_projects_two_channels_for_the_same_film(chest, chest_renderer):
+    """CT2XSynth's renderer (`material_maps=False`) projects soft tissue and bone with air counted in them: its films
+    agree with the three-material films to the basis' 3e-4 (tests/test_physics.py) plus the float16 rounding of both
+    renderers' stacks (up to 1e-3 here); it keeps no maps and says so when asked for a material image. Counting air
+    as soft tissue alone (alpha = 1, beta = 0) would move these films by about 3e-2."""
+    fast = DRRRenderer(chest, WIDE_CARM, material_maps=False)
+    assert fast.projector.volume.shape[1] == 2 and chest_renderer.projector.volume.shape[1] == 3
+    for primary, secondary in ((0, 0), (45, 0), (30, 10)):
+        film, exact = fast.render(primary, secondary), chest_renderer.render(primary, secondary)
+        assert np.abs(film.attenuation - exact.attenuation).max() < 2e-3
+        assert np.linalg.norm(film.attenuation - exact.attenuation) < 1e-4 * np.linalg.norm(exact.attenuation)
+        assert film.area_density_g_cm2 == {}
+    with pytest.raises(CT2XInputError, match="material_maps=True"):
+        film.material_attenuation(["bone"])
+
 def test_a_view_renders_the_same_film_on_a_fresh_and_a_used_renderer(chest):
     """Neither the views rendered before (the projector's cached slabs), the thread count nor preparing a sweep up
     front change a film."""

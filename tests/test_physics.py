@@ -20,6 +20,7 @@ from ct2x.physics import (
     Spectrum,
     add_quantum_noise,
     attenuation_table,
+    basis_densities,
     hu_to_density,
     load_spectrum,
     material_densities,
@@ -91,6 +92,25 @@ def test_material_densities_are_density_times_fractions_exactly():
     material_densities(with_grad).sum().backward()
     torch.testing.assert_close(with_grad.grad, torch.autograd.grad(hu_to_density(with_grad).sum(), with_grad)[0])
 
+
+
+def test_basis_densities_count_air_as_soft_tissue_and_bone():
+    """Two channels: soft tissue + alpha * air and bone + beta * air, from the chunked selection (bitwise as the
+    three materials combined) and under autograd alike."""
+    hu = torch.cat([torch.linspace(-1100.0, 3000.0, 200_003), torch.tensor([-800.0, 350.0])]).view(5, -1)
+    air, soft_tissue, bone = material_densities(hu)
+    expected = torch.stack([soft_tissue + 0.9 * air, bone + 0.03 * air])
+    for workers in (1, 3):
+        basis = basis_densities(hu, (0.9, 0.03), workers=workers)
+        assert basis.shape == (2, *hu.shape)
+        torch.testing.assert_close(basis, expected, atol=0, rtol=2e-7)
+    with_grad = hu[:, :10].clone().requires_grad_()
+    basis = basis_densities(with_grad, (0.9, 0.03))
+    torch.testing.assert_close(basis, expected[:, :, :10])
+    basis.sum().backward()
+    scale = torch.where(hu[:, :10] <= -800, 0.93, 1.0)  # d density / d HU is counted once per gram of air
+    torch.testing.assert_close(with_grad.grad, scale * torch.autograd.grad(hu_to_density(with_grad).sum(),
+                                                                           with_grad)[0])
 
 # --- tables and spectra ---------------------------------------------------------------------------
 
@@ -223,6 +243,32 @@ def test_attenuation_table_is_exact_at_its_nodes_up_to_its_edges():
     exact = -torch.log(transmission(nodes, spectrum))
     assert (table(nodes.float()).double() - exact).abs().max() < 2e-5
 
+
+
+@pytest.mark.parametrize("name", SPECTRA)
+@pytest.mark.parametrize("energy_weighted", [True, False])
+def test_air_counted_in_the_soft_tissue_bone_basis_attenuates_as_air(name, energy_weighted):
+    """`AttenuationTable.basis` of (soft tissue + alpha air, bone + beta air) within 3e-4 of the exact sum over the
+    three materials (up to a chest's 3.5 g/cm^2 of air, 44 of soft tissue, 10.5 of bone), while leaving air out
+    (alpha = beta = 0) errs by up to 0.3. Outside the table it is the exact sum of the basis without air."""
+    spectrum = load_spectrum(name)
+    table = AttenuationTable(spectrum, energy_weighted)
+    rng = np.random.default_rng(5)
+    scale = np.array([3.5, 44.0, 10.5])[:, None, None]  # air, soft tissue, bone, g/cm^2
+    materials = torch.from_numpy(rng.uniform(0.0, 1.0, (3, 100, 100)) * scale)  # (3, H, W) float64
+    exact = -torch.log(transmission(materials, spectrum, energy_weighted))
+    alpha, beta = table.air_basis
+    basis = torch.stack([materials[1] + alpha * materials[0], materials[2] + beta * materials[0]])  # (2, H, W)
+    looked_up = table.basis(basis.float())
+    assert looked_up.dtype == torch.float32 and looked_up.shape == (100, 100)
+    assert (looked_up.double() - exact).abs().max() < 3e-4
+    assert (table.basis(materials[1:].float()).double() - exact).abs().max() > 0.3
+    outside = torch.tensor([[[80.0, 1.0]], [[2.0, -1e-3]]])  # past the soft-tissue nodes; negative bone
+    with_no_air = torch.cat([torch.zeros(1, 1, 2), outside]).double()
+    torch.testing.assert_close(table.basis(outside), -torch.log(transmission(with_no_air, spectrum,
+                                                                             energy_weighted)).float())
+    with pytest.raises(CT2XInputError, match=r"\(2, H, W\)"):
+        table.basis(materials)
 
 def test_attenuation_table_is_built_once_per_spectrum_and_detector():
     spectrum = load_spectrum("60kV")

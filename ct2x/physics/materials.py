@@ -2,11 +2,13 @@
 
 The projector integrates the three channels of `material_densities` (g/cm^3) along each ray. A line integral
 of them in mm, divided by 10, is the area density A_m in g/cm^2 that `ct2x.physics.transmission` expects.
+`basis_densities` gives two channels instead, air counted as soft tissue and bone (`AttenuationTable.air_basis`).
 """
 
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Tuple
 
 import torch
 from torch import Tensor
@@ -62,27 +64,53 @@ def material_densities(hu: Tensor, smooth: bool = False, width_hu: float = 50.0,
     hu = _as_float(hu)
     if smooth or (torch.is_grad_enabled() and hu.requires_grad):
         return hu_to_density(hu) * material_fractions(hu, smooth=smooth, width_hu=width_hu)
-    # One-hot fractions as selections, a cache-sized piece at a time: the same numbers as density * fractions for
-    # finite HU, in half the time for a CT, whose temporaries would each be a pass over memory.
-    out = torch.empty((len(MATERIALS),) + tuple(hu.shape), dtype=hu.dtype, device=hu.device)  # (3, ...) g/cm^3
+    return _in_blocks(hu, len(MATERIALS), _densities_into, workers)
+
+
+def basis_densities(hu: Tensor, air_basis: Tuple[float, float], workers: int = 1) -> Tensor:
+    """Densities in the soft tissue + bone basis, g/cm^3, shape (2, *hu.shape): air counted as `air_basis`
+    (alpha, beta) = so much soft tissue and bone per gram (`AttenuationTable.air_basis`).
+
+    Two channels to project instead of `material_densities`' three, for an attenuation within about 3e-4 of theirs.
+    Read in blocks like `material_densities`; one-hot materials.
+    """
+    alpha, beta = air_basis
+    hu = _as_float(hu)
+    if torch.is_grad_enabled() and hu.requires_grad:
+        air, soft_tissue, bone = hu_to_density(hu) * material_fractions(hu)
+        return torch.stack([soft_tissue + alpha * air, bone + beta * air])
+
+    def convert(block: Tensor, out: Tensor) -> None:  # (N,) HU -> (2, N) g/cm^3
+        density = hu_to_density(block)
+        air, bone = block <= AIR_MAX_HU, block > SOFT_TISSUE_MAX_HU
+        torch.where(air, density * alpha, torch.where(bone, 0.0, density), out=out[0])
+        torch.where(air, density * beta, torch.where(bone, density, 0.0), out=out[1])
+
+    return _in_blocks(hu, 2, convert, workers)
+
+
+def _in_blocks(hu: Tensor, channels: int, convert: Callable[[Tensor, Tensor], None], workers: int) -> Tensor:
+    """(channels, *hu.shape) from `convert(flat HU (N,), out (channels, N))`, a cache-sized piece at a time: for a
+    CT, one pass over memory where whole-volume temporaries would each be one (half the time)."""
+    out = torch.empty((channels,) + tuple(hu.shape), dtype=hu.dtype, device=hu.device)
     if hu.device.type != "cpu" or hu.dim() == 0:
-        _densities_into(hu.reshape(-1), out.view(len(MATERIALS), -1))
+        convert(hu.reshape(-1), out.view(channels, -1))
         return out
     rows = max(1, _CHUNK_VOXELS // max(hu[0].numel(), 1))  # of the first axis per block
 
-    def convert(first: int) -> None:
+    def convert_block(first: int) -> None:
         block = hu[first:first + rows].reshape(-1)  # copied here only if `hu` is a strided view
-        target = out[:, first:first + rows].view(len(MATERIALS), -1)
+        target = out[:, first:first + rows].view(channels, -1)
         for start in range(0, block.numel(), _CHUNK_VOXELS):
-            _densities_into(block[start:start + _CHUNK_VOXELS], target[:, start:start + _CHUNK_VOXELS])
+            convert(block[start:start + _CHUNK_VOXELS], target[:, start:start + _CHUNK_VOXELS])
 
     blocks = range(0, hu.shape[0], rows)
     if workers > 1:
         with ThreadPoolExecutor(workers, thread_name_prefix="ct2x-densities") as pool:
-            list(pool.map(convert, blocks))
+            list(pool.map(convert_block, blocks))
     else:
-        list(map(convert, blocks))
-    return out.view(len(MATERIALS), *hu.shape)
+        list(map(convert_block, blocks))
+    return out
 
 
 def _densities_into(hu: Tensor, out: Tensor) -> None:
