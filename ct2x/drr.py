@@ -196,10 +196,11 @@ class DRRRenderer:
             else:
                 channels = material_densities(hu, workers=workers)  # (3, K, J, I) g/cm^3
             # Straight slabs only, so that the sweep's preparation below covers every angle in between (and the
-            # films of a renderer without it are the same). On the CPU the re-sliced stacks are kept in float16:
-            # half the memory, films within about 2e-5 relative L2 (SliceWarpProjector).
+            # films of a renderer without it are the same); bands of detector rows take the slabs their own rays
+            # allow (a tilted view's rows slant less towards one edge), from the same prepared stacks. On the CPU
+            # the re-sliced stacks are kept in float16: half the memory, films within about 2e-5 relative L2.
             self.projector = SliceWarpProjector(  # (1, C, K, J, I)
-                channels[None], affine, workers=workers, shear=False, merge_slabs=True,
+                channels[None], affine, workers=workers, shear=False, merge_slabs=True, row_bands=True,
                 slab_lengths=RENDER_SLAB_LENGTHS, stack_dtype=torch.float16 if self.device.type == "cpu" else None)
             if sweep:  # every slab the sliders' sweeps need, so that dragging a slider never stops to re-slice
                 self.projector.prepare([self.view(*angles) for angles in PREPARED_SWEEP_DEG], sweep=True)

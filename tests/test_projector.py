@@ -413,10 +413,12 @@ def test_xraysyn_backprojection_spreads_a_pixel_along_its_ray():
 
 @pytest.mark.parametrize("beam", ["cone", "parallel"])
 @pytest.mark.parametrize("antialias", [True, False])
-def test_a_batch_of_views_gives_each_views_own_image(beam, antialias):
+@pytest.mark.parametrize("row_bands", [False, True])
+def test_a_batch_of_views_gives_each_views_own_image(beam, antialias, row_bands, monkeypatch):
     """The batched path (planning on the device, every ray through every slab of its stack) against the per-view
     path: wide-cone obliques split by main axis, tilts, a sheared slab, a detector and a source inside the volume,
-    views aimed beside it."""
+    views aimed beside it; with bands of rows too (bands of 4 rows here, so that this small detector has some)."""
+    monkeypatch.setattr(slicewarp, "_MIN_BAND_ROWS", 4)
     rng = np.random.default_rng(5)
     volumes = torch.nn.functional.avg_pool3d(torch.from_numpy(rng.random((2, 2, 30, 34, 38))), 3, 1, 1).float()
     affine = np.array([[-1.2, 0.1, 0, 20], [0.05, -1.1, 0, 15], [0, 0, 1.6, -30], [0, 0, 0, 1.0]])
@@ -429,10 +431,13 @@ def test_a_batch_of_views_gives_each_views_own_image(beam, antialias):
     views.append(CArm(60, 5, detector, beam=beam).view(20, 10, center))  # an axis crossed both ways, two stacks
     views += [wide.view(0, 0, center + offset) for offset in ([150, 0, 0], [0, 40, 130])]  # aimed beside it
     sheared = narrow.view(40, 10, center)
-    batched = SliceWarpProjector(volumes, affine, antialias=antialias, batched=True)
-    one_by_one = SliceWarpProjector(volumes, affine, antialias=antialias, batched=False)
+    batched = SliceWarpProjector(volumes, affine, antialias=antialias, batched=True, row_bands=row_bands)
+    one_by_one = SliceWarpProjector(volumes, affine, antialias=antialias, batched=False, row_bands=row_bands)
     keys = {plan.stack_key for view in views for plan in one_by_one._plans(view)}
     assert {key[0] for key in keys} == {0, 1, 2} and (not antialias or {key[1] for key in keys} != {1})
+    regions = sum(len(SliceWarpProjector(volumes, affine, antialias=antialias)._plans(view)) for view in views)
+    banded = row_bands and antialias and beam == "cone"  # a parallel beam's rays share one slope
+    assert (sum(len(one_by_one._plans(view)) for view in views) > regions) == banded
     for group in (views, [sheared, narrow.view(-70, 0, center)]):
         expected = torch.cat([one_by_one.project([view]) for view in group], 1)  # (B, P, C, H, W)
         images = batched.project(group)
@@ -446,3 +451,53 @@ def test_a_batch_of_views_is_differentiable():
     views = [CArm(detector=Detector(5, 4, (5.0, 5.0))).view(a, 10) for a in (20, 60, -45)]
     volume = torch.rand(1, 1, 4, 5, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda v: SliceWarpProjector(v, affine, batched=True).project(views), (volume,))
+
+
+def test_row_bands_take_the_slab_their_own_rays_allow(monkeypatch):
+    """`row_bands=True`: each band of a tilted view's rows takes the longest slab its own rays allow (drift within
+    `max_drift_voxels`), most of them longer than the region's one slab; rows of the region's slab keep their values,
+    and a view whose rows all allow one slab is unchanged."""
+    monkeypatch.setattr(slicewarp, "_MIN_BAND_ROWS", 1)  # every run of rows its own band
+    rng = np.random.default_rng(6)
+    shape = (40, 48, 48)
+    volume = torch.nn.functional.avg_pool3d(torch.from_numpy(rng.random((1, 1, *shape))), 3, 1, 1).float()
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])  # slices twice as thick as the in-plane voxels, as in many CTs
+    affine[:3, 3] = -np.array([47.0, 47.0, 78.0]) / 2
+    carm = CArm(400, 200, Detector.square(64, 6.0))  # a cone of +-26 deg
+    banded = SliceWarpProjector(volume, affine, row_bands=True, shear=False)
+    regions = SliceWarpProjector(volume, affine, shear=False)
+    tilted = carm.view(45, 30)
+    plans = banded._plans(tilted)
+    slab_of_region = {plan.main: plan.slab for plan in regions._plans(tilted)}
+    assert len(plans) > len(slab_of_region)
+    for plan in plans:
+        row_axis, col_axis = slicewarp._SLICE_LAYOUT[plan.main][1]
+        slope = [np.abs(plan.slope[axis]) if plan.mask is None else np.abs(plan.slope[axis])[plan.mask]
+                 for axis in (row_axis, col_axis)]
+        drift = max(slope[0].max() / plan.pool_rows, slope[1].max() / plan.pool_cols)  # filtered voxels per slice
+        assert plan.slab == banded._slab_length(drift, plan.main) >= slab_of_region[plan.main]
+        assert drift * plan.slab <= banded.max_drift_voxels
+    assert sum(plan.slab > slab_of_region[plan.main] for plan in plans) >= len(plans) // 2
+    image, reference = banded.project([tilted])[0, 0, 0], regions.project([tilted])[0, 0, 0]
+    for plan in plans:
+        if plan.slab == slab_of_region[plan.main]:
+            rows = image[plan.rows, plan.cols] if plan.mask is None else image[plan.rows, plan.cols][plan.mask]
+            same = reference[plan.rows, plan.cols] if plan.mask is None else reference[plan.rows, plan.cols][plan.mask]
+            torch.testing.assert_close(rows, same, rtol=1e-5, atol=1e-5)
+    level = carm.view(30, 0)
+    assert [plan.stack_key for plan in banded._plans(level)] == [plan.stack_key for plan in regions._plans(level)]
+    assert torch.equal(banded.project([level]), regions.project([level]))
+
+
+def test_small_runs_of_rows_join_the_neighbour_that_costs_least():
+    """[first row, rows, slab] runs: one of fewer than _MIN_BAND_ROWS (16) rows joins the neighbour whose samples grow
+    least, at the shorter slab of the two; runs that come to share a slab become one."""
+    runs = [[0, 8, 2], [8, 37, 3], [45, 211, 4]]
+    slicewarp._join_small_runs(runs)
+    assert runs == [[0, 45, 2], [45, 211, 4]]
+    runs = [[0, 100, 4], [100, 10, 2], [110, 20, 6], [130, 120, 4]]
+    slicewarp._join_small_runs(runs)  # 10 rows of 2 join the 20 of 6 (fewer samples added than with 100 of 4)
+    assert runs == [[0, 100, 4], [100, 30, 2], [130, 120, 4]]
+    runs = [[0, 50, 4], [50, 5, 6], [55, 60, 4]]
+    slicewarp._join_small_runs(runs)
+    assert runs == [[0, 115, 4]]

@@ -66,6 +66,9 @@ _SAMPLES_PER_CHUNK = 1 << 18
 _MAX_SLABS_PER_CHUNK = 16
 # Slab shears are multiples of this many filtered voxels per slice: the rays' slopes are met to within half of it.
 SHEAR_STEP = 0.125
+# With `row_bands`, a band of fewer detector rows (with rays) than this joins a neighbour, taking the shorter slab of
+# the two: each band restages the planes of its own stack, which a few rows do not repay.
+_MIN_BAND_ROWS = 16
 # A region's chunks of slabs are accumulated in this many interleaved groups, one partial image each, added in group
 # order: the image is the same whether one thread or several (`workers`) project the groups.
 _GROUPS = 4
@@ -126,6 +129,11 @@ class SliceWarpProjector:
     every ray taking every slab; the same films to float32 rounding. On a CPU, where time follows the samples taken,
     the per-view path is faster.
 
+    `row_bands=True` lets each band of detector rows take the longest slab its own rays allow, instead of the
+    slab of its region's most slanted ray: a tilted view's rows slant more towards one edge of the detector, so most
+    of its rows take longer slabs (fewer samples; each ray still within `max_drift_voxels`). A view then needs more
+    stacks, so it pays where they are prepared (a slider's renderer); off by default.
+
     `shear=False` keeps every slab straight. A slider's renderer wants that: where a shear pays changes between the
     angles a sweep's preparation samples, so a view in between could need a sheared stack that nobody prepared.
 
@@ -137,7 +145,7 @@ class SliceWarpProjector:
     def __init__(self, volume: torch.Tensor, affine: np.ndarray, antialias: bool = True, max_slab: int = 8,
                  max_drift_voxels: float = 2.0, workers: int = 1, shear: bool = True,
                  stack_dtype: Optional[torch.dtype] = None, slab_lengths: Optional[Sequence[int]] = None,
-                 merge_slabs: bool = False, batched: Optional[bool] = None):
+                 merge_slabs: bool = False, batched: Optional[bool] = None, row_bands: bool = False):
         if volume.ndim != 5:
             raise CT2XInputError(f"projector volume must be (B, C, K, J, I), got shape {tuple(volume.shape)}")
         if min(volume.shape[2:]) < 2:
@@ -153,6 +161,7 @@ class SliceWarpProjector:
         self.slab_lengths = sorted({1} | {int(n) for n in slab_lengths or range(1, self.max_slab + 1)})
         self.max_drift_voxels = float(max_drift_voxels)  # sideways ray travel allowed across one slab, filtered voxels
         self.shear = shear
+        self.row_bands = row_bands
         self.merge_slabs = merge_slabs
         self.stack_dtype = stack_dtype or volume.dtype  # cached stacks; sampled in the volume's dtype
         self.spacing_mm = spacing_from_affine(self.affine)  # (3,) mm per i, j, k
@@ -232,13 +241,43 @@ class SliceWarpProjector:
             offsets = offsets_vox[:, rows, cols]  # (3, h, w) index steps along each ray
             slope = offsets / offsets[main]  # (3, h, w), never above sqrt(3) in size
             along = offsets[main] / lengths_mm[rows, cols]  # (h, w) main index per mm
-            row_axis, col_axis = _SLICE_LAYOUT[main][1]
-            slab, pool_rows, pool_cols, shear_rows, shear_cols = self._stack_choice(
-                main, pitch_mm, _low_high(slope[row_axis], mask), _low_high(slope[col_axis], mask))
+            pixels_main = pixels_vox[main, rows, cols]
             origins = origins_vox if origins_vox.shape[1:] == (1, 1) else origins_vox[:, rows, cols]
-            plans.append(_RayPlan(main, slab, pool_rows, pool_cols, shear_rows, shear_cols, rows, cols, mask,
-                                  origins, pixels_vox[main, rows, cols], along, slope))
+            row_axis, col_axis = _SLICE_LAYOUT[main][1]
+            top = rows.start or 0
+            for begin, end, choice in self._row_bands(main, pitch_mm, *_row_ranges(slope[row_axis], mask),
+                                                      *_row_ranges(slope[col_axis], mask)):
+                band = slice(begin, end)
+                plans.append(_RayPlan(main, *choice, slice(top + begin, top + end), cols,
+                                      None if mask is None else mask[band],
+                                      origins if origins.shape[1:] == (1, 1) else origins[:, band],
+                                      pixels_main[band], along[band], slope[:, band]))
         return plans
+
+    def _row_bands(self, main: int, pitch_mm: float, row_low: np.ndarray, row_high: np.ndarray,
+                   col_low: np.ndarray, col_high: np.ndarray) -> List[Tuple[int, int, Tuple[int, int, int, int, int]]]:
+        """Bands of consecutive detector rows, (begin, end, `_stack_choice`), for rays across `main` whose slopes
+        along the slice rows and columns span (low, high) per row, (h,) each; low > high in a row without such rays.
+
+        One band of all rows, or with `row_bands` a band per run of rows whose own rays allow one slab length (runs
+        of fewer than _MIN_BAND_ROWS rows with rays joined to a neighbour). A row without rays belongs to the band
+        before it, or to the first band, and never changes one."""
+        runs = []  # [first row with rays, rows with rays, slab length] per band
+        if self.row_bands and self.antialias:
+            row_axis, col_axis = _SLICE_LAYOUT[main][1]
+            drift = np.maximum(np.maximum(np.abs(row_low), np.abs(row_high)) / self._pool_factor(pitch_mm, row_axis),
+                               np.maximum(np.abs(col_low), np.abs(col_high)) / self._pool_factor(pitch_mm, col_axis))
+            with_rays = np.flatnonzero(row_low <= row_high)
+            for row, slab in zip(with_rays, self._slab_length(drift[with_rays], main)):
+                if runs and runs[-1][2] == slab:
+                    runs[-1][1] += 1
+                else:
+                    runs.append([int(row), 1, int(slab)])
+            _join_small_runs(runs)
+        starts = [0] + [run[0] for run in runs[1:]] + [len(row_low)]
+        return [(begin, end, self._stack_choice(main, pitch_mm, (row_low[begin:end].min(), row_high[begin:end].max()),
+                                                (col_low[begin:end].min(), col_high[begin:end].max())))
+                for begin, end in zip(starts[:-1], starts[1:])]
 
     def _stack_choice(self, main: int, pitch_mm: float, row_slopes: Tuple[float, float],
                       col_slopes: Tuple[float, float]) -> Tuple[int, int, int, int, int]:
@@ -249,14 +288,14 @@ class SliceWarpProjector:
         row_axis, col_axis = _SLICE_LAYOUT[main][1]
         pool_rows, pool_cols = self._pool_factor(pitch_mm, row_axis), self._pool_factor(pitch_mm, col_axis)
         largest = max(max(map(abs, row_slopes)) / pool_rows, max(map(abs, col_slopes)) / pool_cols)
-        slab = self._slab_length(largest, main)
+        slab = int(self._slab_length(largest, main))
         if self.shear:
             # Slabs sheared along the rays' middle slope (to the nearest SHEAR_STEP), so that only the rays' spread
             # about it limits the slab length, not their common slant. A shear costs an interpolation of each
             # slice, so it is taken only where it at least doubles the slab length.
             shear_rows, drift_rows = _shear_and_drift(*row_slopes, pool_rows)
             shear_cols, drift_cols = _shear_and_drift(*col_slopes, pool_cols)
-            sheared = self._slab_length(max(drift_rows, drift_cols), main)
+            sheared = int(self._slab_length(max(drift_rows, drift_cols), main))
             if sheared >= 2 * slab:
                 return sheared, pool_rows, pool_cols, shear_rows, shear_cols
         return slab, pool_rows, pool_cols, 0, 0
@@ -293,10 +332,12 @@ class SliceWarpProjector:
         depth = float(np.dot(self.center_ras - view.source_ras, view.principal_direction))
         return pitch * max(depth, 1e-6) / view.source_to_detector_mm
 
-    def _slab_length(self, drift: float, main: int) -> int:
-        """Slices per slab for rays that drift sideways by `drift` filtered voxels per slice."""
-        longest = min(self.max_slab, math.floor(self.max_drift_voxels / max(drift, 1e-6)), self.shape_ijk[main])
-        return max(length for length in self.slab_lengths if length <= max(longest, 1))
+    def _slab_length(self, drift, main: int) -> np.ndarray:
+        """Slices per slab for rays that drift sideways by `drift` (a number or an array) filtered voxels per slice."""
+        longest = np.minimum(min(self.max_slab, int(self.shape_ijk[main])),
+                             np.floor(self.max_drift_voxels / np.maximum(drift, 1e-6)))
+        lengths = np.array(self.slab_lengths)  # ascending, 1 first
+        return lengths[np.searchsorted(lengths, np.maximum(longest, 1), side="right") - 1]
 
     def _pool_factor(self, pitch_mm: float, axis: int) -> int:
         factor = int(math.floor(pitch_mm / self.spacing_mm[axis] + 1e-6))
@@ -316,11 +357,14 @@ class SliceWarpProjector:
         result = None
         for plan, finish in zip(plans, finishers):
             part = finish()  # (B*C, h, w)
-            if plan.mask is None:
+            if len(plans) == 1:  # it covers the detector
                 result = part
                 continue
             if result is None:
                 result = part.new_zeros(batch * channels, height, width)
+            if plan.mask is None:  # a band of rows of the whole detector
+                result[:, plan.rows, plan.cols] = part
+                continue
             mask = torch.from_numpy(plan.mask).to(part.device)
             result[:, plan.rows, plan.cols] = torch.where(mask, part, result[:, plan.rows, plan.cols])
         return result.view(batch, channels, height, width)
@@ -668,10 +712,34 @@ def _argmax_of_three(values: np.ndarray) -> np.ndarray:
     return best
 
 
-def _low_high(values: np.ndarray, mask: Optional[np.ndarray]) -> Tuple[float, float]:
-    """min and max of `values` over the pixels where `mask` is True (all pixels when it is None)."""
-    chosen = values if mask is None else values[mask]
-    return float(chosen.min()), float(chosen.max())
+def _row_ranges(values: np.ndarray, mask: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+    """min and max of `values` (h, w) per row over the pixels where `mask` is True (all pixels when it is None),
+    (h,) each; inf and -inf in a row without such pixels."""
+    if mask is None:
+        return values.min(1), values.max(1)
+    return np.where(mask, values, np.inf).min(1), np.where(mask, values, -np.inf).max(1)
+
+
+def _join_small_runs(runs: List[list]) -> None:
+    """Joins each run of rows [first row, rows, slab length] with fewer than _MIN_BAND_ROWS rows to the neighbour
+    that costs the fewest extra samples, taking the shorter slab of the two, smallest run first; runs of one slab
+    length that come to meet are joined too. In place."""
+    def extra_samples(run: list, other: list) -> float:  # rows x slabs per slice, before and after joining
+        slab = min(run[2], other[2])
+        return run[1] * (1 / slab - 1 / run[2]) + other[1] * (1 / slab - 1 / other[2])
+
+    while len(runs) > 1:
+        small = min(range(len(runs)), key=lambda at: runs[at][1])
+        if runs[small][1] >= _MIN_BAND_ROWS:
+            return
+        neighbours = [at for at in (small - 1, small + 1) if 0 <= at < len(runs)]
+        other = min(neighbours, key=lambda at: extra_samples(runs[small], runs[at]))
+        first, second = sorted((small, other))
+        (row, rows, slab), (_, more_rows, other_slab) = runs[first], runs[second]
+        runs[first:second + 1] = [[row, rows + more_rows, min(slab, other_slab)]]
+        for at in range(len(runs) - 1, 0, -1):
+            if runs[at][2] == runs[at - 1][2]:
+                runs[at - 1][1] += runs.pop(at)[1]
 
 
 def _shear_and_drift(low: float, high: float, pool: int) -> Tuple[int, float]:

@@ -29,8 +29,6 @@ from .slicewarp import _SLICE_LAYOUT, SliceWarpProjector, _shear_pad, single_thr
 _SAMPLES_PER_CALL = 1 << 24
 # Views planned together: the rays of 64 views of 256^2 pixels take 100 MB per float64 (P, 3, H, W) tensor.
 _VIEWS_PER_BATCH = 64
-# Which of a view's rays across a main axis a stack serves: all, or those towards increasing / decreasing index.
-_BOTH, _FORWARD, _BACKWARD = 0, 1, 2
 
 
 def project_view_batch(projector: SliceWarpProjector, views: Sequence[View]) -> Tensor:
@@ -47,12 +45,12 @@ def _project_batch(projector: SliceWarpProjector, views: Sequence[View]) -> Tens
     result = projector.volume.new_zeros(batch * channels, len(views), height, width)
     for key, members in _stack_users(projector, views, rays).items():
         main = key[0]
-        selected = rays.select([index for index, _ in members], main)
+        selected = rays.select(list(members), main)
         part = _integrate(projector, key, selected)  # (B*C, P', H, W)
         chosen = selected.views
-        directions = torch.tensor([direction for _, direction in members], device=chosen.device)[:, None, None]
+        rows = torch.from_numpy(np.stack(list(members.values()))).to(chosen.device)[..., None]  # (P', 2, H, 1)
         forward = rays.offsets[chosen, main] > 0  # (P', H, W)
-        uses = (rays.best_axis[chosen] == main) & ((directions == _BOTH) | (forward == (directions == _FORWARD)))
+        uses = (rays.best_axis[chosen] == main) & torch.where(forward, rows[:, 0], rows[:, 1])
         result[:, chosen] = torch.where(uses, part, result[:, chosen])
     return result.view(batch, channels, len(views), height, width).transpose(1, 2)
 
@@ -142,13 +140,13 @@ class _Rays:
 
 
 def _stack_users(projector: SliceWarpProjector, views: Sequence[View],
-                 rays: _Rays) -> Dict[Tuple, List[Tuple[int, int]]]:
-    """stack key (`_RayPlan.stack_key`) -> (view, direction) pairs whose rays of that main axis project with it:
-    _BOTH, or _FORWARD / _BACKWARD (towards increasing / decreasing index) where a view's rays cross the axis both
-    ways and its two directions take different stacks, as the per-view path's regions do.
+                 rays: _Rays) -> Dict[Tuple, Dict[int, np.ndarray]]:
+    """stack key (`_RayPlan.stack_key`) -> {view: (2, H) bool}: the detector rows whose rays across that main axis,
+    towards increasing index (first) or decreasing index (second), project with that stack, as the per-view path's
+    regions and their bands of rows (`SliceWarpProjector._row_bands`) do.
 
-    The slope ranges of every view, main axis and direction come back to the host in one copy; the choice is the
-    per-view path's (`SliceWarpProjector._stack_choice`)."""
+    The slope ranges per row of every view, main axis and direction come back to the host in one copy; the choice is
+    the per-view path's."""
     ranges = []
     for main in range(3):
         row_axis, col_axis = _SLICE_LAYOUT[main][1]
@@ -157,23 +155,21 @@ def _stack_users(projector: SliceWarpProjector, views: Sequence[View],
         for direction in (forward, ~forward):
             uses = (rays.best_axis == main) & direction  # (P, H, W)
             for axis in (row_axis, col_axis):
-                ranges.append(torch.where(uses, slope[:, axis], torch.inf).amin((1, 2)))  # (P,)
-                ranges.append(torch.where(uses, slope[:, axis], -torch.inf).amax((1, 2)))
-    # (P, main, forward / backward, row low / high and column low / high)
-    ranges = torch.stack(ranges, 1).view(len(views), 3, 2, 4).cpu().numpy()
-    users: Dict[Tuple, List[Tuple[int, int]]] = {}
+                ranges.append(torch.where(uses, slope[:, axis], torch.inf).amin(2))  # (P, H)
+                ranges.append(torch.where(uses, slope[:, axis], -torch.inf).amax(2))
+    height = views[0].detector.shape[0]
+    # (P, main, forward / backward, row low / high and column low / high, H)
+    ranges = torch.stack(ranges, 1).view(len(views), 3, 2, 4, height).cpu().numpy()
+    users: Dict[Tuple, Dict[int, np.ndarray]] = {}
     for index, view in enumerate(views):
         pitch_mm = projector._detector_pitch_at_volume(view)
         for main in range(3):
-            choices = {}
-            for direction, (row_low, row_high, col_low, col_high) in zip((_FORWARD, _BACKWARD), ranges[index, main]):
-                if row_low <= row_high:  # some ray of this view crosses `main` in this direction
-                    choices[direction] = projector._stack_choice(main, pitch_mm, (row_low, row_high),
-                                                                 (col_low, col_high))
-            if len(set(choices.values())) == 1:
-                choices = {_BOTH: next(iter(choices.values()))}
-            for direction, choice in choices.items():
-                users.setdefault((main, *choice), []).append((index, direction))
+            for direction, (row_low, row_high, col_low, col_high) in enumerate(ranges[index, main]):
+                if not np.any(row_low <= row_high):  # no ray of this view crosses `main` in this direction
+                    continue
+                for begin, end, choice in projector._row_bands(main, pitch_mm, row_low, row_high, col_low, col_high):
+                    rows = users.setdefault((main, *choice), {}).setdefault(index, np.zeros((2, height), bool))
+                    rows[direction, begin:end] = True
     pool = projector._worker_pool(projector.volume.device)
     with single_threaded_ops(pool is not None):
         projector._build({key + ("sum",) for key in users}, pool)
