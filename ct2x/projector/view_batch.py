@@ -105,9 +105,12 @@ class _Rays:
             self.origins = far
             self.offsets = self.pixels - far
             self.lengths = torch.sqrt(distance ** 2 + rows ** 2 + cols ** 2)  # (P, H, W)
-        # Each ray's main axis (P, H, W), the first on ties as in the per-view path (`_argmax_of_three`; torch's
-        # argmax across a dim of 3 is 40 times slower on a CPU).
-        first_axis, second_axis, third_axis = self.offsets.abs().unbind(1)
+        # Each ray's main axis (P, H, W), counted in filtered voxels and the first on ties as in the per-view path
+        # (`_argmax_of_three`; torch's argmax across a dim of 3 is 40 times slower on a CPU).
+        filtered = np.stack([projector._filtered_voxels_per_voxel(projector._detector_pitch_at_volume(view))
+                             for view in views])  # (P, 3)
+        advance = self.offsets.abs() * torch.from_numpy(filtered).to(device)[..., None, None]  # (P, 3, H, W)
+        first_axis, second_axis, third_axis = advance.unbind(1)
         best = (second_axis > first_axis).long()
         self.best_axis = torch.where(third_axis > torch.maximum(first_axis, second_axis), 2, best)
         self._slopes: Dict[int, Tensor] = {}
