@@ -10,7 +10,7 @@ attenuates), the displayed 8-bit image (attenuation windowed, bone bright) and, 
 density of each material along every ray (g/cm^2), from which bone-only or bone-suppressed films follow
 (`Radiograph.material_attenuation`). A renderer without those maps (`material_maps=False`, CT2XSynth's slider)
 projects two channels instead of three: air counted as soft tissue and bone (`basis_densities`), the film within about
-3e-4 of the three-material attenuation, a quarter to a third faster on the CPU.
+3e-4 of the three-material attenuation, 1.2-1.5x faster on the CPU (bench/RESULTS.md, slider).
 """
 
 from __future__ import annotations
