@@ -222,22 +222,24 @@ def test_reslicing_pads_short_windows_with_zeros(mode):
 
 
 @pytest.mark.parametrize("mode", ["sum", "max"])
-def test_even_slabs_are_merged_from_half_their_length_as_if_resliced(mode):
-    """With `merge_slabs`, a straight stack of an even slab length above 2 comes from the stack of half its length
-    (pairs of neighbours summed or maximised, a short last pair padded with zeros), and equals the stack re-sliced
-    from the volume, for every main axis and lengths that the slabs divide or not; negative values too, so that a
-    short pair's zero shows in max. Without it every stack is re-sliced."""
+def test_slabs_are_merged_from_their_shortest_divisor_as_if_resliced(mode):
+    """With `merge_slabs`, a straight stack whose slab length is not prime comes from the stack of its shortest divisor
+    above 1 (runs of neighbours summed or maximised, a short last run padded with zeros), and equals the stack
+    re-sliced from the volume, for every main axis and lengths that the slabs divide or not; negative values too, so
+    that a short run's zeros show in max. Without it every stack is re-sliced."""
     volume = torch.from_numpy(np.random.default_rng(3).standard_normal((1, 2, 7, 9, 12)))  # (B, C, K, J, I)
     projector = SliceWarpProjector(volume, np.eye(4), merge_slabs=True)
-    for main, slab, pool_rows, pool_cols in ((0, 4, 2, 3), (0, 8, 1, 1), (1, 4, 2, 2), (1, 8, 1, 2), (2, 4, 3, 1),
-                                             (2, 6, 1, 1), (0, 6, 1, 2)):
-        half = (main, slab // 2, pool_rows, pool_cols, 0, 0, mode)
-        assert projector._merged_from((main, slab, pool_rows, pool_cols, 0, 0, mode)) == half
+    for main, slab, pool_rows, pool_cols, divisor in ((0, 4, 2, 3, 2), (0, 8, 1, 1, 2), (1, 4, 2, 2, 2),
+                                                      (1, 8, 1, 2, 2), (2, 4, 3, 1, 2), (2, 6, 1, 1, 2),
+                                                      (0, 6, 1, 2, 2), (0, 9, 1, 1, 3), (1, 9, 1, 2, 3)):
+        base = (main, divisor, pool_rows, pool_cols, 0, 0, mode)
+        assert projector._merged_from((main, slab, pool_rows, pool_cols, 0, 0, mode)) == base
         merged = projector._stack(main, slab, pool_rows, pool_cols, 0, 0, mode)
         torch.testing.assert_close(merged, projector._reslice(main, slab, pool_rows, pool_cols, mode=mode))
-        assert half in projector._stacks
-    for key in ((0, 3, 1, 1, 0, 0, "sum"), (0, 2, 1, 1, 0, 0, "sum"), (0, 4, 1, 1, 1, 0, "sum")):
-        assert projector._merged_from(key) is None  # odd lengths, 2 and sheared slabs: re-sliced
+        assert base in projector._stacks
+    for key in ((0, 3, 1, 1, 0, 0, "sum"), (0, 2, 1, 1, 0, 0, "sum"), (0, 5, 1, 1, 0, 0, "sum"),
+                (0, 4, 1, 1, 1, 0, "sum")):
+        assert projector._merged_from(key) is None  # prime lengths and sheared slabs: re-sliced
     assert SliceWarpProjector(volume, np.eye(4))._merged_from((0, 4, 1, 1, 0, 0, "sum")) is None
 
 

@@ -7,9 +7,9 @@ ray in one point; since a ray is a line, the in-slice coordinates of that point 
 one 2-D bilinear `grid_sample` per chunk of slices samples all rays at once, and the line integral is the sum over
 slices times the ray's length per slice. The volume is re-sliced once per main axis, slab length, shear and filter
 and cached, so a new view only pays for the warps (`prepare(..., sweep=True)` readies a whole slider range; a
-renderer's even slab lengths can be merged from half their length, and a stack across j comes from its twin across i
-where both pool the same voxels, each for a fraction of a re-slicing). Ray planning works in voxel index space:
-pixel centres are affine in (row, column), so no per-pixel RAS arrays.
+renderer's slab lengths can be merged from the shortest length that divides them, and a stack across j comes from
+its twin across i where both pool the same voxels, each for a fraction of a re-slicing). Ray planning works in voxel
+index space: pixel centres are affine in (row, column), so no per-pixel RAS arrays.
 
 Anti-aliasing (on by default) makes the work follow the detector rather than the CT:
 - in-plane, slices are box-filtered by the integer factor by which the detector pixel, projected to the volume
@@ -118,12 +118,14 @@ class SliceWarpProjector:
     the volume's dtype as it is staged, so sampling and sums stay in float32; the stacks' rounding (2^-11 relative)
     moves a chest film by about 2e-5 relative L2.
 
-    `merge_slabs=True` builds each straight stack of an even slab length above 2 from the one of half its length
-    (neighbours summed in pairs, a fraction of the cost of re-slicing the volume; that stack is kept as well): for a
-    renderer that prepares both lengths anyway. Its films differ from re-sliced ones by rounding only.
+    `merge_slabs=True` builds each straight stack whose slab length is not prime from the one of its shortest divisor
+    above 1 (4, 6 and 8 from 2: runs of neighbours summed, a fraction of the cost of re-slicing the volume; that
+    stack is kept as well): for a renderer that prepares several lengths. Its films differ from re-sliced ones by
+    rounding only.
 
     `slab_lengths` limits the slab lengths a view may take (default: all up to `max_slab`); a view takes the longest
-    allowed one its rays permit. With `merge_slabs`, (1, 2, 3, 4, 6, 8) leaves only lengths 1, 2 and 3 to re-slice.
+    allowed one its rays permit. With `merge_slabs`, (1, 2, 3, 4, 6, 8) leaves only lengths 1, 2 and 3 to re-slice,
+    and 3 only where a view takes it.
 
     `batched=True` (the default on GPUs) projects the views of one detector together in line-integral mode
     (`view_batch.py`): planning on the device and one sampling call per stack and chunk of slabs for all of them,
@@ -555,10 +557,10 @@ class SliceWarpProjector:
         """The volume re-sliced across `main` with these filter factors and shears: (slabs, B*C, rows, cols),
         cached in `stack_dtype`.
 
-        With `merge_slabs`, straight slabs of an even length above 2 are merged from the slabs of half that length
-        (`_merged_from`), always, so that a stack's numbers never depend on what was built before. A stack across j
-        whose twin across i is cached (`_twin_of`) is that stack transposed: the same numbers as re-slicing, for the
-        cost of a copy.
+        With `merge_slabs`, straight slabs of a length that is not prime are merged from the slabs of its shortest
+        divisor (`_merged_from`), always, so that a stack's numbers never depend on what was built before. A stack
+        across j whose twin across i is cached (`_twin_of`) is that stack transposed: the same numbers as
+        re-slicing, for the cost of a copy.
         """
         key = (main, slab, pool_rows, pool_cols, shear_rows, shear_cols, mode)
         if key in self._stacks:
@@ -566,7 +568,7 @@ class SliceWarpProjector:
         cached = not self._with_graph()
         base, twin = self._merged_from(key), self._twin_of(key)
         if base is not None:
-            stack = _merge_pairs(self._stack(*base), mode)
+            stack = _merge_runs(self._stack(*base), key[1] // base[1], mode)
         elif cached and twin in self._stacks:
             stack = _twin_transposed(self._stacks[twin])
         else:
@@ -576,12 +578,14 @@ class SliceWarpProjector:
         return stack
 
     def _merged_from(self, key: Tuple) -> Optional[Tuple]:
-        """The key of the stack that `_stack` merges this one from (`merge_slabs`): slabs of half the length, for
-        straight slabs of an even length above 2; None when it is re-sliced from the volume."""
+        """The key of the stack that `_stack` merges this one from (`merge_slabs`): for straight slabs of a length
+        that is not prime, the slabs of its shortest divisor above 1 (4, 6 and 8 from 2; 9 from 3); None when it is
+        re-sliced from the volume."""
         main, slab, pool_rows, pool_cols, shear_rows, shear_cols, mode = key
-        if self.merge_slabs and slab > 2 and slab % 2 == 0 and shear_rows == shear_cols == 0:
-            return main, slab // 2, pool_rows, pool_cols, 0, 0, mode
-        return None
+        if not self.merge_slabs or shear_rows or shear_cols:
+            return None
+        divisor = next((length for length in range(2, slab) if slab % length == 0), None)
+        return None if divisor is None else (main, divisor, pool_rows, pool_cols, 0, 0, mode)
 
     def _twin_of(self, key: Tuple) -> Optional[Tuple]:
         """For a straight stack across j re-sliced from the volume whose slab is as long as its filter along i, the
@@ -793,17 +797,21 @@ def _twin_transposed(stack: torch.Tensor) -> torch.Tensor:
     return flipped.permute(2, 0, 1, 3).contiguous()
 
 
-def _merge_pairs(stack: torch.Tensor, mode: str) -> torch.Tensor:
-    """(N, B*C, rows, cols) -> (ceil(N / 2), B*C, rows, cols): neighbouring slabs summed (or maximised) in pairs, in
-    the stack's dtype (float16 adds round once, as a float32 sum converted would); a lone last slab is paired with
-    zeros."""
-    full = stack.shape[0] // 2 * 2
-    pairs = stack[:full].view(-1, 2, *stack.shape[1:])
-    merged = pairs[:, 0] + pairs[:, 1] if mode == "sum" else torch.maximum(pairs[:, 0], pairs[:, 1])
-    if full == stack.shape[0]:
-        return merged
-    last = stack[full:] if mode == "sum" else stack[full:].clamp_min(0.0)
-    return torch.cat([merged, last])
+def _merge_runs(stack: torch.Tensor, length: int, mode: str) -> torch.Tensor:
+    """(N, B*C, rows, cols) -> (ceil(N / length), B*C, rows, cols): runs of `length` neighbouring slabs summed (or
+    maximised), the sums rounded once to the stack's dtype; a short last run is padded with zeros."""
+    full = stack.shape[0] // length * length
+    parts = [stack[:full].view(-1, length, *stack.shape[1:])]
+    if full < stack.shape[0]:
+        parts.append(stack[full:][None])
+    if mode == "sum":
+        total = torch.promote_types(stack.dtype, torch.float32)  # float16 stacks add in float32
+        merged = [part.sum(1, dtype=total).to(stack.dtype) for part in parts]
+    else:
+        merged = [part.amax(1) for part in parts]
+        if len(parts) > 1:
+            merged[1] = merged[1].clamp_min(0.0)  # the run's missing slabs are zeros
+    return torch.cat(merged) if len(merged) > 1 else merged[0]
 
 
 def _shear_pad(slab: int, shear: int, pool: int) -> int:
