@@ -525,6 +525,7 @@ def test_rays_are_counted_across_the_axis_they_advance_most_filtered_voxels_alon
         counted.clear()
         samples[name] = (projector.project([view])[0, 0, 0], sum(counted))
     assert samples["filtered"][1] < 0.9 * samples["voxels"][1]
+
     def error(image, at):  # relative L2 from the dense reference
         exact = reference_projection(volume[0], affine, at, step_mm=0.25)[0]
         return float(torch.norm(image - exact) / torch.norm(exact))

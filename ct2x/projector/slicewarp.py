@@ -2,14 +2,14 @@
 
 Each ray is integrated across its *main axis*, the volume index axis it is most aligned with (Joseph's rule, counted
 in the anti-aliasing filter's voxels; a wide cone at an oblique angle splits the detector into regions with different
-main axes). Every slice across it meets a
-ray in one point; since a ray is a line, the in-slice coordinates of that point are affine in the slice index, so
-one 2-D bilinear `grid_sample` per chunk of slices samples all rays at once, and the line integral is the sum over
-slices times the ray's length per slice. The volume is re-sliced once per main axis, slab length, shear and filter
-and cached, so a new view only pays for the warps (`prepare(..., sweep=True)` readies a whole slider range; a
-renderer's slab lengths can be merged from the shortest length that divides them, and a stack across j comes from
-its twin across i where both pool the same voxels, each for a fraction of a re-slicing). Ray planning works in voxel
-index space: pixel centres are affine in (row, column), so no per-pixel RAS arrays.
+main axes). Every slice across it meets a ray in one point; since a ray is a line, the in-slice coordinates of that
+point are affine in the slice index, so one 2-D bilinear `grid_sample` per chunk of slices samples all rays at once,
+and the line integral is the sum over slices times the ray's length per slice. The volume is re-sliced once per
+main axis, slab length, shear and filter and cached, so a new view only pays for the warps (`prepare(...,
+sweep=True)` readies a whole slider range; a renderer's slab lengths can be merged from the shortest length that
+divides them, and a stack across j comes from its twin across i where both pool the same voxels, each for a fraction
+of a re-slicing). Ray planning works in voxel index space: pixel centres are affine in (row, column), so no per-pixel
+RAS arrays.
 
 Anti-aliasing (on by default) makes the work follow the detector rather than the CT:
 - in-plane, slices are box-filtered by the integer factor by which the detector pixel, projected to the volume
