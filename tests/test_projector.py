@@ -244,6 +244,24 @@ def test_slabs_are_merged_from_their_shortest_divisor_as_if_resliced(mode):
 
 
 @pytest.mark.parametrize("mode", ["sum", "max"])
+def test_stacks_sharing_an_in_plane_filter_are_built_from_one_filtering_as_if_alone(mode, monkeypatch):
+    """Stacks re-sliced from the volume that filter j and i alike start from one in-plane filtering, which `_build`
+    makes first (a few slices per task, on the workers) and drops after: each stack holds bitwise the numbers it has
+    when built alone."""
+    volume = torch.from_numpy(np.random.default_rng(5).standard_normal((1, 2, 9, 10, 11)))  # (B, C, K, J, I)
+    keys = {(2, 2, 2, 3, 0, 0, mode), (2, 3, 2, 3, 0, 0, mode), (0, 3, 1, 2, 0, 0, mode)}  # j by 2, i by 3 in-plane
+    together = SliceWarpProjector(volume, np.eye(4), workers=2)
+    runs_along, passes_along_i = slicewarp._runs_along, []
+    monkeypatch.setattr(slicewarp, "_runs_along", lambda tensor, dim, *args: (
+        passes_along_i.append(tensor.shape) if dim == 3 else None, runs_along(tensor, dim, *args))[1])
+    together._build(keys, together._worker_pool(volume.device))
+    assert len(passes_along_i) == 5  # the 9 slices across k, 2 at a time, once for the three stacks
+    assert not together._planar_volumes
+    for key in keys:
+        assert torch.equal(together._stacks[key], SliceWarpProjector(volume, np.eye(4))._stack(*key))
+
+
+@pytest.mark.parametrize("mode", ["sum", "max"])
 def test_a_stack_across_j_is_its_twin_across_i_transposed(mode):
     """A straight stack across j whose slab is as long as its filter along i pools the same voxels as the stack
     across i with the same key: built from that one when it is cached, it holds bitwise the re-sliced numbers."""

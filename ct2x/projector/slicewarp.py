@@ -73,6 +73,8 @@ _MIN_BAND_ROWS = 16
 # A region's chunks of slabs are accumulated in this many interleaved groups, one partial image each, added in group
 # order: the image is the same whether one thread or several (`workers`) project the groups.
 _GROUPS = 4
+# The in-plane filtering of the volume (`SliceWarpProjector._planar`) takes this many slices across k at a time.
+_PLANAR_SLICES = 2
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,8 @@ class SliceWarpProjector:
         self.corners_ras = voxel_to_world(self.affine, corners)  # (8, 3) the box samples can read, RAS mm
         # (slabs, B*C, rows, cols) by (main, slab, pool_rows, pool_cols, shear_rows, shear_cols, mode)
         self._stacks: Dict[Tuple[int, int, int, int, int, int, str], torch.Tensor] = {}
+        # while `_build` runs: the volume filtered in-plane (`_planar`) by (rows, cols, mode) for the stacks it builds
+        self._planar_volumes: Dict[Tuple[int, int, str], torch.Tensor] = {}
         self._staging: Dict[int, torch.Tensor] = {}  # per thread: flat CPU buffer its chunk is copied into
         self.workers = max(1, int(workers))
         self.batched = volume.device.type != "cpu" if batched is None else batched
@@ -550,7 +554,14 @@ class SliceWarpProjector:
         # The longest work first, so that the workers finish together: more stacks built from it, shorter slabs.
         starts = sorted((key for key in missing if source[key] not in missing),
                         key=lambda key: (-followers(key), key[1], key))
-        list((pool.map if pool is not None else map)(build_from, starts))
+        # Stacks re-sliced from the volume that filter j and i alike start from one in-plane filtering, made first.
+        windows = [self._planar_window(key) for key in starts if source[key] is None and key[4:6] == (0, 0)]
+        for rows, cols, mode in {window for window in windows if windows.count(window) > 1 and window[:2] != (1, 1)}:
+            self._planar_volumes[rows, cols, mode] = self._planar(rows, cols, mode, pool)
+        try:
+            list((pool.map if pool is not None else map)(build_from, starts))
+        finally:
+            self._planar_volumes.clear()
 
     def _stack(self, main: int, slab: int, pool_rows: int, pool_cols: int, shear_rows: int, shear_cols: int,
                mode: str) -> torch.Tensor:
@@ -576,6 +587,31 @@ class SliceWarpProjector:
         if cached:
             stack = self._stacks[key] = stack.to(self.stack_dtype)
         return stack
+
+    def _planar(self, rows: int, cols: int, mode: str, pool: Optional[ThreadPoolExecutor] = None) -> torch.Tensor:
+        """(B*C, K, J', I'): the volume with runs of `rows` voxels along j and `cols` along i summed (or maximised),
+        as `_build` prepared it for the stacks it builds, or made here: on the CPU a few slices at a time (shared out
+        to the workers of `pool`), so that both passes run in cache."""
+        prepared = self._planar_volumes.get((rows, cols, mode))
+        if prepared is not None:
+            return prepared
+        volume = self.volume.reshape(-1, *self.volume.shape[2:])  # (B*C, K, J, I)
+        if rows == cols == 1 or volume.device.type != "cpu" or self._with_graph():
+            return _runs_along(_runs_along(volume, 3, cols, mode), 2, rows, mode)
+        planar = volume.new_empty(volume.shape[:2] + (-(-volume.shape[2] // rows), -(-volume.shape[3] // cols)))
+
+        def filter_slices(first: int) -> None:
+            part = volume[:, first:first + _PLANAR_SLICES]
+            planar[:, first:first + _PLANAR_SLICES] = _runs_along(_runs_along(part, 3, cols, mode), 2, rows, mode)
+
+        list((pool.map if pool is not None else map)(filter_slices, range(0, volume.shape[1], _PLANAR_SLICES)))
+        return planar
+
+    def _planar_window(self, key: Tuple) -> Tuple[int, int, str]:
+        """(runs along j, runs along i, mode) of the in-plane filtering that a straight stack re-sliced from the
+        volume starts from (`_reslice_straight`)."""
+        main, slab, pool_rows, pool_cols = key[:4]
+        return {0: (pool_cols, slab), 1: (slab, pool_cols), 2: (pool_rows, pool_cols)}[main] + (key[-1],)
 
     def _merged_from(self, key: Tuple) -> Optional[Tuple]:
         """The key of the stack that `_stack` merges this one from (`merge_slabs`): for straight slabs of a length
@@ -634,34 +670,25 @@ class SliceWarpProjector:
                     target[:len(part), row:row + rows, col:col + cols].add_(part, alpha=weight)
                 if shifted is not None:  # a slab without slice t (the last) takes its zeros
                     torch.maximum(channel_slabs, target, out=channel_slabs)
-        if pool_rows > 1 or pool_cols > 1:
-            slabs = (F.avg_pool2d if mode == "sum" else F.max_pool2d)(slabs, (pool_rows, pool_cols))
+        slabs = _runs_along(_runs_along(slabs, 3, pool_cols, mode), 2, pool_rows, mode)  # whole windows
+        if mode == "sum" and pool_rows * pool_cols > 1:  # in-plane means
+            slabs = slabs / (pool_rows * pool_cols)
         return slabs
 
     def _reslice_straight(self, main: int, slab: int, pool_rows: int, pool_cols: int, mode: str,
                           dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """`_reslice` without a shear: slabs and box filter are one 3-D pooling in the volume's own layout, whose last
-        window along an axis that it does not divide counts the missing voxels as zeros; only the smaller result is
-        transposed, the expensive step when slices run along i.
+        """`_reslice` without a shear: slabs and box filter are runs of neighbouring voxels summed (or maximised) in
+        the volume's own layout, in-plane first (`_planar`, which stacks that filter j and i alike share), then along
+        k; a short last run counts the missing voxels as zeros. Only the smaller result is transposed, the expensive
+        step when slices run along i.
         """
-        volume = self.volume.reshape(-1, *self.volume.shape[2:])  # (B*C, K, J, I)
         main_dim = _MAIN_DIM[main] - 1  # dims of (B*C, K, J, I)
         row_dim, col_dim = (dim - 1 for dim in _SLICE_LAYOUT[main][0])
         window = [1, 1, 1, 1]  # along B*C, K, J, I
         window[main_dim], window[row_dim], window[col_dim] = slab, pool_rows, pool_cols
-        if window != [1, 1, 1, 1]:
-            pool = F.avg_pool3d if mode == "sum" else F.max_pool3d
-            volume = pool(volume[None], window[1:], ceil_mode=True)[0]  # (B*C, K', J', I')
-            for dim, (size, step) in enumerate(zip(self.volume.shape[2:], window[1:]), start=1):
-                if size % step == 0:
-                    continue
-                last = volume.narrow(dim, volume.shape[dim] - 1, 1)  # a short window: as if zeros filled it
-                if mode == "sum":
-                    last.mul_((size % step) / step)
-                else:
-                    last.clamp_(min=0.0)
-            if mode == "sum" and slab > 1:  # slab sums of in-plane means
-                volume = volume * slab
+        volume = _runs_along(self._planar(window[2], window[3], mode), 1, window[1], mode)  # (B*C, K', J', I')
+        if mode == "sum" and pool_rows * pool_cols > 1:  # runs' sums -> slab sums of in-plane means
+            volume = volume / (pool_rows * pool_cols)
         dtype = dtype or volume.dtype  # the last copy converts
         if main_dim == 3:  # slices across i: (B*C, K', J', I') -> (I', B*C, K', J')
             return _last_axis_first(volume, dtype)
@@ -797,21 +824,44 @@ def _twin_transposed(stack: torch.Tensor) -> torch.Tensor:
     return flipped.permute(2, 0, 1, 3).contiguous()
 
 
+def _runs_along(tensor: torch.Tensor, dim: int, length: int, mode: str) -> torch.Tensor:
+    """Runs of `length` neighbours along `dim` summed (or maximised): ceil(n / length) long, a short last run as if
+    zeros filled it. Strided adds, about twice as fast on the CPU as the same pooling by `avg_pool3d`."""
+    if length == 1:
+        return tensor
+    size = tensor.shape[dim]
+    full = size // length * length
+
+    def run_member(at: int) -> torch.Tensor:  # element `at` of every whole run
+        return tensor[(slice(None),) * dim + (slice(at, full, length),)]
+
+    runs = run_member(0) + run_member(1) if mode == "sum" else torch.maximum(run_member(0), run_member(1))
+    for at in range(2, length):
+        runs = runs + run_member(at) if mode == "sum" else torch.maximum(runs, run_member(at))
+    if full == size:
+        return runs
+    rest = tensor.narrow(dim, full, size - full)
+    rest = rest.sum(dim, keepdim=True) if mode == "sum" else rest.amax(dim, keepdim=True).clamp_min(0.0)
+    return torch.cat([runs, rest], dim)
+
+
 def _merge_runs(stack: torch.Tensor, length: int, mode: str) -> torch.Tensor:
     """(N, B*C, rows, cols) -> (ceil(N / length), B*C, rows, cols): runs of `length` neighbouring slabs summed (or
-    maximised), the sums rounded once to the stack's dtype; a short last run is padded with zeros."""
-    full = stack.shape[0] // length * length
-    parts = [stack[:full].view(-1, length, *stack.shape[1:])]
-    if full < stack.shape[0]:
-        parts.append(stack[full:][None])
-    if mode == "sum":
-        total = torch.promote_types(stack.dtype, torch.float32)  # float16 stacks add in float32
-        merged = [part.sum(1, dtype=total).to(stack.dtype) for part in parts]
-    else:
-        merged = [part.amax(1) for part in parts]
-        if len(parts) > 1:
-            merged[1] = merged[1].clamp_min(0.0)  # the run's missing slabs are zeros
-    return torch.cat(merged) if len(merged) > 1 else merged[0]
+    maximised), the sums rounded once to the stack's dtype; a short last run is padded with zeros.
+
+    One run at a time, so that its float32 sum stays in cache: six times faster than one reduction over the stack.
+    """
+    total_dtype = torch.promote_types(stack.dtype, torch.float32)  # float16 stacks add in float32
+    merged = stack.new_empty((-(-stack.shape[0] // length),) + stack.shape[1:])
+    for run in range(merged.shape[0]):
+        members = stack[run * length:(run + 1) * length]
+        total = members[0].to(total_dtype)
+        for member in members[1:]:
+            total = total + member if mode == "sum" else torch.maximum(total, member)
+        if mode == "max" and len(members) < length:
+            total = total.clamp_min(0.0)  # the run's missing slabs are zeros
+        merged[run] = total
+    return merged
 
 
 def _shear_pad(slab: int, shear: int, pool: int) -> int:
