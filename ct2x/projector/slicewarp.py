@@ -423,9 +423,9 @@ class SliceWarpProjector:
             cut_rows, cut_cols = _nearest_cuts(*past_detector)  # (h,), (w,)
         # Only the detector rectangle whose rays meet a chunk's slabs is sampled for that chunk: at slider
         # geometry about half the rays of a slab miss it.
-        enter, leave = _slabs_hitting_stack(starts, steps, n_rows, n_cols, plan.mask)  # (h, w)
-        rows_enter, rows_leave = enter.min(1), leave.max(1)  # (h,) slab range any pixel of a row meets
-        cols_enter, cols_leave = enter.min(0), leave.max(0)  # (w,)
+        enter, leave = _slabs_hitting_stack(starts, steps, n_rows, n_cols, plan.mask)  # (h, w) bounds
+        rows_enter, rows_leave = _slab_indices(enter.min(1), leave.max(1))  # (h,) slab range any pixel of a row meets
+        cols_enter, cols_leave = _slab_indices(enter.min(0), leave.max(0))  # (w,)
         height, width = start.shape[:2]
         chunk = max(1, min(_SAMPLES_PER_CHUNK // (height * width), _MAX_SLABS_PER_CHUNK))
         empty = 0.0 if mode == "sum" else -math.inf
@@ -465,7 +465,8 @@ class SliceWarpProjector:
             for partial in partials[1:]:  # in group order: the same sums whichever thread made them
                 result = result + partial if mode == "sum" else torch.maximum(result, partial)
             if mode == "max":  # a ray with a sample outside the stack read a zero there; one without samples is zero
-                read_zero = torch.from_numpy((enter > first) | (leave < last - 1) | (last <= first)).to(device)
+                first_met, last_met = _slab_indices(enter, leave)  # (h, w) each
+                read_zero = torch.from_numpy((first_met > first) | (last_met < last - 1) | (last <= first)).to(device)
                 return torch.where(read_zero, result.clamp_min(0.0), result)
             # Ray length per unit of main index: the direction is a unit world vector, so 1 / |d(main)/d(mm)|.
             return result * torch.from_numpy(1.0 / np.abs(along)).to(device, dtype)
@@ -710,26 +711,32 @@ def single_threaded_ops(enabled: bool = True) -> Iterator[None]:
 
 def _slabs_hitting_stack(starts: Sequence[np.ndarray], steps: Sequence[np.ndarray], n_rows: int, n_cols: int,
                          mask: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
-    """Per pixel, the first and last slab index at which its bilinear sample can be non-zero, (h, w) int each.
+    """Per pixel, the slab coordinates (h, w) between which its bilinear sample can be non-zero; `_slab_indices` turns
+    them, or their minima and maxima over rows or columns, into the first and last slab index.
 
     Grid coordinates are start + n * step, (x = column, y = row) planes of (h, w) each, align_corners; a sample
     reads the stack only while its index lies in (-1, size) along both axes, and reads zero otherwise. Pixels that
-    never do get enter > leave.
+    never do, or that `mask` leaves out, get enter > leave.
     """
-    enter = np.full(starts[0].shape, -np.inf)
-    leave = np.full(starts[0].shape, np.inf)
+    enter = leave = None
     for start, step, size in ((starts[0], steps[0], n_cols), (starts[1], steps[1], n_rows)):
         reach = 2.0 / max(size - 1, 1) + 1e-4  # one cell, plus slack for the float32 grid: a superset is exact
         step = np.where(step == 0, 1e-30, step)  # a constant coordinate: bounds far away
         at_low, at_high = (-1.0 - reach - start) / step, (1.0 + reach - start) / step  # slab index at the bounds
-        enter = np.maximum(enter, np.minimum(at_low, at_high))
-        leave = np.minimum(leave, np.maximum(at_low, at_high))
-    big = np.iinfo(np.int64).max // 4
-    enter = np.clip(np.floor(enter) + 1, -big, big).astype(np.int64)
-    leave = np.clip(np.ceil(leave) - 1, -big, big).astype(np.int64)
+        first, last = np.minimum(at_low, at_high), np.maximum(at_low, at_high)
+        enter = first if enter is None else np.maximum(enter, first, out=enter)
+        leave = last if leave is None else np.minimum(leave, last, out=leave)
     if mask is not None:
-        enter[~mask], leave[~mask] = big, -big
+        enter[~mask], leave[~mask] = np.inf, -np.inf
     return enter, leave
+
+
+def _slab_indices(enter: np.ndarray, leave: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """`_slabs_hitting_stack`'s bounds -> the first and last slab index between them, int64 (rounding is monotonic,
+    so the bounds may be reduced over rows or columns first, on fewer numbers)."""
+    big = np.iinfo(np.int64).max // 4
+    return (np.clip(np.floor(enter) + 1, -big, big).astype(np.int64),
+            np.clip(np.ceil(leave) - 1, -big, big).astype(np.int64))
 
 
 def _nearest_cuts(limits: np.ndarray, increasing: bool) -> Tuple[np.ndarray, np.ndarray]:
