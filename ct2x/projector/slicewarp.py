@@ -598,12 +598,12 @@ class SliceWarpProjector:
             return prepared
         volume = self.volume.reshape(-1, *self.volume.shape[2:])  # (B*C, K, J, I)
         if rows == cols == 1 or volume.device.type != "cpu" or self._with_graph():
-            return _runs_along(_runs_along(volume, 3, cols, mode), 2, rows, mode)
+            return _runs_in_plane(volume, rows, cols, mode)
         planar = volume.new_empty(volume.shape[:2] + (-(-volume.shape[2] // rows), -(-volume.shape[3] // cols)))
 
         def filter_slices(first: int) -> None:
             part = volume[:, first:first + _PLANAR_SLICES]
-            planar[:, first:first + _PLANAR_SLICES] = _runs_along(_runs_along(part, 3, cols, mode), 2, rows, mode)
+            planar[:, first:first + _PLANAR_SLICES] = _runs_in_plane(part, rows, cols, mode)
 
         list((pool.map if pool is not None else map)(filter_slices, range(0, volume.shape[1], _PLANAR_SLICES)))
         return planar
@@ -671,7 +671,7 @@ class SliceWarpProjector:
                     target[:len(part), row:row + rows, col:col + cols].add_(part, alpha=weight)
                 if shifted is not None:  # a slab without slice t (the last) takes its zeros
                     torch.maximum(channel_slabs, target, out=channel_slabs)
-        slabs = _runs_along(_runs_along(slabs, 3, pool_cols, mode), 2, pool_rows, mode)  # whole windows
+        slabs = _runs_in_plane(slabs, pool_rows, pool_cols, mode)  # whole windows
         if mode == "sum" and pool_rows * pool_cols > 1:  # in-plane means
             slabs = slabs / (pool_rows * pool_cols)
         return slabs
@@ -852,6 +852,11 @@ def _runs_along(tensor: torch.Tensor, dim: int, length: int, mode: str) -> torch
     return torch.cat([runs, rest], dim)
 
 
+def _runs_in_plane(tensor: torch.Tensor, rows: int, cols: int, mode: str) -> torch.Tensor:
+    """(..., R, C) -> (..., ceil(R / rows), ceil(C / cols)): `_runs_along` the last two dims, the last first."""
+    return _runs_along(_runs_along(tensor, tensor.dim() - 1, cols, mode), tensor.dim() - 2, rows, mode)
+
+
 def _merge_runs(stack: torch.Tensor, length: int, mode: str) -> torch.Tensor:
     """(N, B*C, rows, cols) -> (ceil(N / length), B*C, rows, cols): runs of `length` neighbouring slabs summed (or
     maximised), the sums rounded once to the stack's dtype; a short last run is padded with zeros.
@@ -862,13 +867,7 @@ def _merge_runs(stack: torch.Tensor, length: int, mode: str) -> torch.Tensor:
     total_dtype = torch.promote_types(stack.dtype, torch.float32)  # float16 stacks add in float32
     merged = stack.new_empty((-(-stack.shape[0] // length),) + stack.shape[1:])
     for run in range(merged.shape[0]):
-        members = stack[run * length:(run + 1) * length]
-        total = members[0].to(total_dtype)
-        for member in members[1:]:
-            total = total + member if mode == "sum" else torch.maximum(total, member)
-        if mode == "max" and len(members) < length:
-            total = total.clamp_min(0.0)  # the run's missing slabs are zeros
-        merged[run] = total
+        merged[run] = _runs_along(stack[run * length:(run + 1) * length].to(total_dtype), 0, length, mode)[0]
     return merged
 
 
