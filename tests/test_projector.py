@@ -170,7 +170,6 @@ def test_gradcheck_on_a_tiny_volume():
     assert torch.autograd.gradcheck(lambda v: project(v, affine, views), (volume,))
 
 
-
 def test_gradcheck_through_merged_slabs_and_uneven_filters():
     """Gradients flow through a stack merged from shorter slabs and through in-plane filters that do not divide the
     volume (short last runs)."""
@@ -183,6 +182,7 @@ def test_gradcheck_through_merged_slabs_and_uneven_filters():
     assert [merged(volume)._merged_from(plan.stack_key + ("sum",)) for plan in merged(volume)._plans(view)] == [
         (1, 2, 3, 4, 0, 0, "sum")]  # slabs of 4 from those of 2 (7 slices across j), i filtered by 4 (9 voxels)
     assert torch.autograd.gradcheck(lambda v: merged(v).project([view]), (volume,))
+
 
 def test_cached_projector_reuses_reslicing_and_is_repeatable(sphere):
     volume, affine = sphere
