@@ -158,6 +158,34 @@ def test_discriminator_objective_scores_drrs_as_real_with_r1_and_trains_only_d()
     assert all(parameter.grad is None for parameter in generator.parameters())
 
 
+class RecordingDiscriminator(torch.nn.Module):
+    """Passes every call to a discriminator and keeps its (films, labels)."""
+
+    def __init__(self, discriminator: PoseDiscriminator) -> None:
+        super().__init__()
+        self.discriminator, self.calls = discriminator, []
+
+    def forward(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        self.calls.append((image.detach().clone(), label.detach().clone()))
+        return self.discriminator(image, label)
+
+
+@pytest.mark.parametrize("real_samples", ["drr", "xray"])
+def test_the_discriminators_real_samples_are_drrs_at_their_poses_or_real_films_without_pose(real_samples) -> None:
+    generator, discriminator = networks()
+    recording, films = RecordingDiscriminator(discriminator), batch()
+    loss = CT2XGANLoss(generator, recording, TestLPIPS(), CT2XGANLossConfig(real_samples=real_samples))
+    loss.discriminator_terms(films)
+    (real, real_labels), (fake, fake_labels) = recording.calls
+    expected_real, expected_labels = ((films.drr, films.label) if real_samples == "drr"
+                                      else (films.xray, torch.zeros_like(films.label)))
+    assert torch.equal(real, expected_real) and not torch.equal(fake, expected_real)
+    assert torch.equal(real_labels, expected_labels) and torch.equal(fake_labels, expected_labels)
+    with torch.no_grad():
+        loss.generator_terms(films)
+    assert torch.equal(recording.calls[2][1], expected_labels)  # the generator's adversarial term
+
+
 def test_lazy_r1_weighs_the_penalty_by_its_interval_and_skips_it_between() -> None:
     generator, discriminator = networks()
     every, lazy = CT2XGANLossConfig(r1=0.25), CT2XGANLossConfig(r1=0.25, r1_interval=4)
@@ -203,3 +231,5 @@ def test_loss_config_round_trips_and_refuses_bad_weights() -> None:
         CT2XGANLossConfig(r1_interval=0)
     with pytest.raises(ValueError, match="true or false"):
         CT2XGANLossConfig(non_saturating=1)
+    with pytest.raises(ValueError, match="real_samples must be one of drr, xray"):
+        CT2XGANLossConfig(real_samples="ct")

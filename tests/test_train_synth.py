@@ -229,15 +229,17 @@ def test_train_synth_command_line(prepared, tmp_path, capsys):
     config = TrainConfig.load(out / CONFIG_FILE)
     assert config.model == "ct2x-gan" and config.learning_rate == 0.0025 and config.betas == (0.0, 0.99)
     assert config.loss_config["lpips"] == 0 and config.generator_config["image_size"] == 32 and config.augment
+    assert "real_samples" not in config.loss_config  # the paper's eq. 17: DRRs as real
     assert (out / "model.safetensors").exists()
 
     ablation = tmp_path / "ablation"
     assert main(["train", "synth", "--data", str(prepared), "--out", str(ablation), "--preset", "scaled",
                  "--width", "0.0625", "--steps", "1", "--batch-size", "2", "--no-lpips", "--no-pose-attention",
-                 "--no-style-encoder", "--no-consistency", "--no-augment", "--quiet"]) == 0
+                 "--no-style-encoder", "--no-consistency", "--no-augment", "--real-films-as-real", "--quiet"]) == 0
     config = TrainConfig.load(ablation / CONFIG_FILE)
     assert not (config.generator_config["pose_attention"] or config.generator_config["style_encoder"])
     assert config.loss_config["consistency"] is False and not config.augment
+    assert config.loss_config["real_samples"] == "xray"
 
 
 def test_train_synth_refuses_other_models_and_folders(prepared, tmp_path, capsys):

@@ -68,6 +68,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                              "through its label)")
     parser.add_argument("--no-consistency", action="store_true",
                         help="synth only: ablation without the content and style consistency losses")
+    parser.add_argument("--real-films-as-real", action="store_true",
+                        help="synth only, ours: the discriminator tells the X-ray-style synthesis from the real films "
+                             "(no pose), instead of from the DRRs at its pose (the paper's eq. 17)")
     parser.add_argument("--no-augment", action="store_true",
                         help="train on the stored films only (no CT motion; synth: no poses between the stored ones)")
     parser.add_argument("--ema-decay", type=float, default=0.0, metavar="D",
@@ -109,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         raise CT2XInputError(f"--no-view-attention and --no-fine-distillation switch parts of CVAA-GAN off; --model "
                              f"{model} has neither (use --model cvaa)")
     synth_only = [name for name in ("no_lpips", "r1_every", "no_style_encoder", "no_pose_attention",
-                                    "no_consistency") if getattr(args, name)]
+                                    "no_consistency", "real_films_as_real") if getattr(args, name)]
     if synth_only and args.task != "synth":
         raise CT2XInputError(f"--{synth_only[0].replace('_', '-')} is for `train synth` (CT2X-GAN)")
     if args.time_limit is not None and args.time_limit < 0:
@@ -196,6 +199,8 @@ def _synth_settings(args: argparse.Namespace) -> dict:
     loss = {"lpips": 0.0} if args.no_lpips else {}
     if args.no_consistency:
         loss["consistency"] = False
+    if args.real_films_as_real:
+        loss["real_samples"] = "xray"
     if args.r1_every is not None:
         if args.r1_every < 1:
             raise CT2XInputError(f"--r1-every {args.r1_every}: must be at least 1")

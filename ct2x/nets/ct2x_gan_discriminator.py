@@ -74,7 +74,8 @@ class DiscriminatorBlock(nn.Module):
 
 
 class PoseDiscriminator(nn.Module):
-    """(N, 1, S, S) films and (N, 25) camera labels -> raw scores (N,): higher means "a DRR at this pose"."""
+    """(N, 1, S, S) films and (N, 25) camera labels -> raw scores (N,): higher means "a DRR at this pose" (or "a real
+    film", given zero labels, when trained with the real films as its real samples)."""
 
     def __init__(self, config: Optional[PoseDiscriminatorConfig] = None) -> None:
         super().__init__()

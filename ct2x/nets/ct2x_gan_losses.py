@@ -24,6 +24,7 @@ from ct2x.nets.ct2x_gan import DRR, XRAY, CT2XGANGenerator
 from ct2x.nets.ct2x_gan_discriminator import PoseDiscriminator
 
 Perceptual = Callable[[Tensor, Tensor], Tensor]  # LPIPS: (prediction, target) films -> distances
+REAL_SAMPLES = ("drr", "xray")  # what the discriminator sees as real: CT2XGANLossConfig.real_samples
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,12 +45,20 @@ class CT2XGANLossConfig(JSONConfig):
     # Ours: True wraps the adversarial terms in softplus (StyleGAN2's non-saturating logistic loss); False is the
     # paper's literal, linear eqs. 16-17 (WGAN-like, unbounded without a constraint on D).
     non_saturating: bool = True
+    # The discriminator's real samples. "drr" (the paper's eq. 17): the DRRs at the batch's poses, with their camera
+    # labels. "xray" (ours): the batch's real films, with no pose (zero labels for the real films and the
+    # syntheses alike, since real films are only PA or lateral), so that the adversarial term pulls the X-ray-style
+    # synthesis towards real films rather than towards DRRs.
+    real_samples: str = "drr"
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.name in ("consistency", "non_saturating"):
+            if field.name == "real_samples":
+                if value not in REAL_SAMPLES:
+                    raise ValueError(f"{owner}.real_samples must be one of {', '.join(REAL_SAMPLES)}, got {value!r}")
+            elif field.name in ("consistency", "non_saturating"):
                 if not isinstance(value, bool):
                     raise ValueError(f"{owner}.{field.name} must be true or false, got {value!r}")
             elif field.name == "r1_interval":
@@ -115,7 +124,7 @@ class CT2XGANLoss:
     """Eqs. 18-19 for one batch: the generator side's objective and the discriminator's, each with its terms.
 
     The discriminator scores the X-ray-style synthesis G(v, x, phi) as fake and the DRR at the same pose as real
-    (eqs. 16-17, as the paper writes them).
+    (eqs. 16-17, as the paper writes them), or the batch's real films as real when `config.real_samples` is "xray".
     """
 
     def __init__(self, generator: CT2XGANGenerator, discriminator: PoseDiscriminator, lpips: Perceptual,
@@ -140,8 +149,8 @@ class CT2XGANLoss:
         its weights inside). Without a style encoder there are no consistency and zero terms."""
         config, films = self.config, self.synthesize(batch)
         terms = {
-            "adversarial": generator_adversarial(self.discriminator(films["xray_synthesis"], batch.label),
-                                                 config.non_saturating),
+            "adversarial": generator_adversarial(
+                self.discriminator(films["xray_synthesis"], self._discriminator_labels(batch)), config.non_saturating),
             "reconstruction": reconstruction_loss(films["drr_synthesis"], batch.drr, self.lpips, config.mae,
                                                   config.lpips),
         }
@@ -167,9 +176,10 @@ class CT2XGANLoss:
         config = self.config
         with torch.no_grad():
             fake = self.synthesize(batch)["xray_synthesis"]
-        real = batch.drr.detach().requires_grad_(with_r1)
-        real_scores = self.discriminator(real, batch.label)  # (N,)
-        terms = {"adversarial": discriminator_adversarial(real_scores, self.discriminator(fake, batch.label),
+        real = (batch.xray if config.real_samples == "xray" else batch.drr).detach().requires_grad_(with_r1)
+        labels = self._discriminator_labels(batch)
+        real_scores = self.discriminator(real, labels)  # (N,)
+        terms = {"adversarial": discriminator_adversarial(real_scores, self.discriminator(fake, labels),
                                                           config.non_saturating)}
         total = terms["adversarial"]
         if with_r1:
@@ -177,3 +187,8 @@ class CT2XGANLoss:
             total = total + config.r1_interval * config.r1 * terms["r1"]
         terms["total"] = config.adversarial * total
         return terms
+
+    def _discriminator_labels(self, batch: CT2XGANBatch) -> Tensor:
+        """(N, 25) camera labels the discriminator is given: the batch's poses, or zeros (no pose) when its real
+        samples are the real films."""
+        return torch.zeros_like(batch.label) if self.config.real_samples == "xray" else batch.label

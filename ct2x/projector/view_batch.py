@@ -107,8 +107,8 @@ class _Rays:
             self.lengths = torch.sqrt(distance ** 2 + rows ** 2 + cols ** 2)  # (P, H, W)
         # Each ray's main axis (P, H, W), counted in filtered voxels and the first on ties as in the per-view path
         # (`_argmax_of_three`; torch's argmax across a dim of 3 is 40 times slower on a CPU).
-        filtered = np.stack([projector._filtered_voxels_per_voxel(projector._detector_pitch_at_volume(view))
-                             for view in views])  # (P, 3)
+        self.pitches_mm = [projector._detector_pitch_at_volume(view) for view in views]  # mm, at the volume
+        filtered = np.stack([projector._filtered_voxels_per_voxel(pitch) for pitch in self.pitches_mm])  # (P, 3)
         advance = self.offsets.abs() * torch.from_numpy(filtered).to(device)[..., None, None]  # (P, 3, H, W)
         first_axis, second_axis, third_axis = advance.unbind(1)
         best = (second_axis > first_axis).long()
@@ -164,8 +164,7 @@ def _stack_users(projector: SliceWarpProjector, views: Sequence[View],
     # (P, main, forward / backward, row low / high and column low / high, H)
     ranges = torch.stack(ranges, 1).view(len(views), 3, 2, 4, height).cpu().numpy()
     users: Dict[Tuple, Dict[int, np.ndarray]] = {}
-    for index, view in enumerate(views):
-        pitch_mm = projector._detector_pitch_at_volume(view)
+    for index, pitch_mm in enumerate(rays.pitches_mm):
         for main in range(3):
             for direction, (row_low, row_high, col_low, col_high) in enumerate(ranges[index, main]):
                 if not np.any(row_low <= row_high):  # no ray of this view crosses `main` in this direction

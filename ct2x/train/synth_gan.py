@@ -1,7 +1,7 @@
 """CT2X-GAN's objective for CT -> X-ray networks (paper eqs. 8-12 and 16-19, `ct2x.nets.ct2x_gan_losses`): per batch
 a generator-side step (E_CT, PAM, E_sty and G together) with the discriminator frozen, then a discriminator step with
-the R1 penalty on the DRRs every `loss_config["r1_interval"]`-th step (1, every step, by default; StyleGAN2's lazy
-R1 is 16).
+the R1 penalty on its real samples (the DRRs, or the real films when `loss_config["real_samples"]` is "xray") every
+`loss_config["r1_interval"]`-th step (1, every step, by default; StyleGAN2's lazy R1 is 16).
 
 Adam at the paper's learning rate 0.0025 (the command line's default; here `config.learning_rate`) with
 `config.betas`, StyleGAN2's (0, 0.99) by the command line's default: the paper names Adam and the rate but no betas,
