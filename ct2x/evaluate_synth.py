@@ -11,7 +11,10 @@ Metrics (`SYNTH_METRICS`):
   synthesis against the DRR (Table 3; LPIPS as in Table 1, on the same pairs);
 - per method over all the split's films: FID and KID (`ct2x.metrics.fid`) against the split's real films, on a
   named feature network (Tables 1-2). Methods: the X-ray-style and the DRR-style syntheses, and the plain physics
-  DRRs themselves as the baseline; all three sets have one film per case and pose, so their numbers compare.
+  DRRs themselves as the baseline; all three sets have one film per case and pose, so their numbers compare;
+- the floor (`real_film_floor`): FID and KID of real films from the folder's other splits, drawn at the methods' set
+  size, against the split's films. Real films score this against real films, so no method can be told apart from
+  one that comes within its range, however good its features: compare a method with the floor before ranking it.
 Films are (F, F) in [0, 1], bone bright, as the folder stores them; the networks' [-1, 1] is mapped in and out here.
 
 The model file is read by the synthesis engine's `ct2x.synthesize.load_synth_model`, and runs through
@@ -39,6 +42,7 @@ from ct2x.preprocess import x2ct_normalize
 
 LPIPS = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # films (N, 1, H, W) in [0, 1] twice -> (N,) distances
 DRR_BASELINE = "physics DRR"
+FLOOR_DRAWS = 100  # seeded draws of other real films for the floor
 
 SYNTH_METRICS = {  # name -> what it is, for reports
     "lpips": "LPIPS (AlexNet, lpips 0.1) of the DRR-style synthesis against the DRR at the same pose",
@@ -125,7 +129,7 @@ def distribution_table(syntheses: List[CaseSyntheses], data: Union[str, Path], f
                        model_name: str, split: str = "test", device: str = "cpu") -> Dict[str, Dict[str, float]]:
     """method -> FID, KID (mean, std, subset size) and film counts against the real films of `split`, on `features`:
     the model's X-ray-style and DRR-style films, and the physics DRRs."""
-    real = features.features(np.stack([load_film(path) for path in film_paths(data, split)]), device=device)
+    real = _film_features(film_paths(data, split), features, device)
     sets = {f"{model_name} (X-ray style)": [r.xray_style for r in syntheses],
             f"{model_name} (DRR style)": [r.drr_style for r in syntheses],
             DRR_BASELINE: [r.drr for r in syntheses]}
@@ -136,6 +140,32 @@ def distribution_table(syntheses: List[CaseSyntheses], data: Union[str, Path], f
         table[method] = {"fid": frechet_distance(made, real), "kid": kid, "kid_std": kid_std,
                          "kid_subset_size": subset, "films": len(made), "real_films": len(real)}
     return table
+
+
+def real_film_floor(data: Union[str, Path], features: FeatureNetwork, films: int, split: str = "test",
+                    pool: Optional[Union[str, Path]] = None, draws: int = FLOOR_DRAWS, seed: int = 0,
+                    device: str = "cpu") -> Optional[Dict[str, float]]:
+    """FID and KID of real films against the real films of `split`, at the methods' set size: `draws` seeded draws
+    of `films` films from the folder's other splits, or from every split of the prepared folder `pool` less the
+    split's own films (by film id), one draw of them all when they are no more, against the split's films; mean,
+    lowest and highest over the draws, and the set sizes. None when fewer than two such films exist."""
+    split_films = film_paths(data, split)
+    own = {path.stem for path in split_films}
+    others = [path for path in film_paths(data if pool is None else pool) if path.stem not in own]
+    if len(others) < 2:
+        return None
+    real = _film_features(split_films, features, device)
+    pool = _film_features(others, features, device)
+    size = min(films, len(pool))
+    rng = np.random.default_rng(seed)
+    picks = [pool[rng.choice(len(pool), size, replace=False)] for _ in range(draws if size < len(pool) else 1)]
+    fids = [frechet_distance(pick, real) for pick in picks]
+    kids = [kernel_inception_distance(pick, real)[0] for pick in picks]
+    floor: Dict[str, float] = {}
+    for metric, values in (("fid", fids), ("kid", kids)):
+        low, high = np.percentile(values, [5, 95])
+        floor.update({metric: float(np.mean(values)), f"{metric}_p5": float(low), f"{metric}_p95": float(high)})
+    return {**floor, "draws": len(picks), "films": size, "real_films": len(real)}
 
 
 def summary(rows: List[Dict[str, object]]) -> Dict[str, Dict[str, float]]:
@@ -163,6 +193,11 @@ def _check_sizes(network: CT2XGANGenerator, case: Dict[str, np.ndarray], style_i
     if wrong or case["ct_hu"].shape != (config.ct_size,) * 3:
         raise CT2XInputError(f"{data}: {', '.join(wrong) or 'the CT is not a cube'}; prepare the data with the "
                              "model's film, CT and MIP sizes (`ct2x prepare synth --film-px --voxels --mip-px`)")
+
+
+def _film_features(paths: List[Path], features: FeatureNetwork, device: str) -> np.ndarray:
+    """(N, F) features of prepared film files."""
+    return features.features(np.stack([load_film(path) for path in paths]), device=device)
 
 
 def _to_network(films: np.ndarray, device: str) -> torch.Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -17,18 +18,26 @@ import ct2x.metrics.fid as fid_module
 import ct2x.metrics.lpips as lpips_module
 from ct2x import models, phantoms
 from ct2x.cli.main import main
-from ct2x.data.prepare_synth import SynthPreparation, case_paths, film_paths, load_case, prepare_synth
+from ct2x.data.prepare_synth import (
+    SynthPreparation,
+    case_paths,
+    film_paths,
+    load_case,
+    load_film,
+    prepare_synth,
+)
 from ct2x.evaluate_synth import (
     DRR_BASELINE,
     CaseSyntheses,
     distribution_table,
     film_rows,
     picture_sheet,
+    real_film_floor,
     summary,
     synthesize_split,
 )
 from ct2x.io import save_ct, save_png
-from ct2x.metrics.fid import FeatureNetwork
+from ct2x.metrics.fid import FeatureNetwork, frechet_distance, kernel_inception_distance
 from ct2x.metrics.lpips import GreyLPIPS
 from ct2x.models import ModelInfo
 from ct2x.nets.ct2x_gan import PRESETS, CT2XGANGenerator
@@ -131,6 +140,32 @@ def test_distribution_table_scores_each_method_against_the_test_films(prepared, 
     assert same["tiny (X-ray style)"] == same[DRR_BASELINE]  # the DRRs themselves score as the baseline
 
 
+def test_floor_scores_the_other_splits_real_films_against_the_splits(prepared):
+    features = test_built_features()
+    train, test = (features.features(np.stack([load_film(p) for p in film_paths(prepared, split)]))
+                   for split in ("train", "test"))
+    whole = real_film_floor(prepared, features, films=2 * POSES)  # more than the 4 other films: all of them, once
+    assert (whole["draws"], whole["films"], whole["real_films"]) == (1, 4, 4)
+    assert whole["fid_p5"] == whole["fid"] == whole["fid_p95"] == frechet_distance(train, test)
+    assert whole["kid"] == pytest.approx(kernel_inception_distance(train, test)[0], rel=1e-12)
+    drawn = real_film_floor(prepared, features, films=3, draws=5)
+    assert (drawn["draws"], drawn["films"]) == (5, 3)
+    assert drawn["fid_p5"] < drawn["fid"] < drawn["fid_p95"] and drawn["kid_p5"] < drawn["kid"] < drawn["kid_p95"]
+
+
+def test_floor_from_another_folder_when_the_split_holds_every_film(prepared, tmp_path):
+    test_only = tmp_path / "test_only"  # as a folder of the test films alone (--val-fraction 0 --test-fraction 0)
+    shutil.copytree(prepared, test_only)
+    manifest = json.loads((test_only / "manifest.json").read_text())
+    manifest["films"] = {film: record for film, record in manifest["films"].items() if record["split"] == "test"}
+    (test_only / "manifest.json").write_text(json.dumps(manifest))
+    features = test_built_features()
+    assert real_film_floor(test_only, features, films=2 * POSES) is None
+    assert real_film_floor(test_only, features, films=2 * POSES, pool=test_only) is None  # only the split's own films
+    assert real_film_floor(test_only, features, films=2 * POSES, pool=prepared) == real_film_floor(
+        prepared, features, films=2 * POSES)  # the other folder's train films
+
+
 def test_picture_sheet_has_a_column_per_pose_and_three_rows():
     drr = np.full((POSES, 32, 32), 0.5, dtype=np.float32)
     sheet = picture_sheet(CaseSyntheses("p", np.zeros(POSES), drr, drr * 0, drr * 0 + 1, ["f"] * POSES))
@@ -163,6 +198,7 @@ def test_evaluate_synth_command_writes_the_report(prepared, model_file, tmp_path
     assert sorted(p.name for p in (report / "pictures").glob("*.png")) == [f"{p.stem}.png" for p in
                                                                             case_paths(prepared, "test")]
     assert "test-built block means" in (report / "summary.md").read_text()
+    assert summary_json["real_film_floor"]["films"] == 4 and "Floor: all 4 other real films" in printed
 
 
 def test_evaluate_synth_with_random_features_and_without_lpips(prepared, model_file, tmp_path):

@@ -8,8 +8,9 @@ convention) and `pictures/<case>.png` (mid slices: true, then each method, coron
 synth (a CT2X-GAN model, on a `ct2x prepare synth` folder; `ct2x.evaluate_synth`): writes `metrics.csv` (one row per
 case and pose: LPIPS, PSNR and SSIM of the DRR-style synthesis against the DRR), `distribution.csv` (FID and KID
 against the split's real films of the X-ray-style and DRR-style syntheses and of the physics DRRs, with the feature
-network named), `summary.json`, `summary.md` and `pictures/<case>.png` (a column per pose; rows DRR, DRR-style
-synthesis, X-ray-style synthesis).
+network named), `summary.json` and `summary.md` (with the floor: what real films of the folder's other splits, or of
+--floor-films, score against the split's films at the same set size), and `pictures/<case>.png` (a column per pose;
+rows DRR, DRR-style synthesis, X-ray-style synthesis).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import csv
 import json
 from pathlib import Path
+from typing import Optional
 
 from ct2x.errors import CT2XInputError
 
@@ -46,6 +48,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--no-lpips", action="store_true",
                         help="synth: leave LPIPS out (it needs the lpips package and AlexNet's weights)")
     parser.add_argument("--split", choices=("test", "train"), default="test", help="(default %(default)s)")
+    parser.add_argument("--floor-films", metavar="DIR",
+                        help="synth: a `ct2x prepare synth` folder whose real films (all splits, less the evaluated "
+                             "split's own) are scored against the split's films as the floor (default: the other "
+                             "splits of --data)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
     return parser
 
@@ -104,6 +110,7 @@ def _run_synth(args: argparse.Namespace) -> int:
         distribution_table,
         film_rows,
         picture_sheet,
+        real_film_floor,
         summary,
         synthesize_split,
     )
@@ -126,10 +133,11 @@ def _run_synth(args: argparse.Namespace) -> int:
     rows = film_rows(syntheses, lpips)
     table = distribution_table(syntheses, args.data, features, name, args.split, args.device)
     films = summary(rows)
+    floor = real_film_floor(args.data, features, len(rows), args.split, args.floor_films, device=args.device)
     report = {"data": str(Path(args.data).resolve()), "split": args.split, "model": args.model,
               "cases": len(syntheses), "poses": len(rows) // len(syntheses), "features": features.name,
               "metrics": {m: SYNTH_METRICS[m] for m in ("fid", "kid", *films)}, "distribution": table,
-              "films": films}
+              "real_film_floor": floor, "films": films}
     with output as folder:
         for file_name, table_rows in (("metrics.csv", rows),
                                       ("distribution.csv", [{"method": m, **v} for m, v in table.items()])):
@@ -154,9 +162,25 @@ def _synth_markdown(report: dict) -> str:
     for method, values in report["distribution"].items():
         lines.append(f"| {method} | {values['fid']:.4g} | {values['kid']:.4g} ± {values['kid_std']:.2g} "
                      f"| {values['films']} | {values['real_films']} |")
+    lines += ["", _floor_line(report["real_film_floor"], report["split"])]
     films = report["films"]
     lines += ["", "DRR-style synthesis against the DRR, mean ± standard deviation over cases and poses", "",
               "| " + " | ".join(films) + " |", "|" + "---|" * len(films),
               "| " + " | ".join(f"{v['mean']:.4g} ± {v['std']:.2g}" for v in films.values()) + " |", ""]
     lines += [f"- `{name}`: {meaning}" for name, meaning in report["metrics"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _floor_line(floor: Optional[dict], split: str) -> str:
+    """What real films score against the split's films, in words: the floor a method can come down to."""
+    if floor is None:
+        return (f"Floor: no real films outside the {split} split (--floor-films names a folder of them), so what real "
+                "films score against real films on these features is not known here.")
+    verdict = "cannot be told from real films on these features and set sizes."
+    if floor["draws"] == 1:
+        return (f"Floor: all {floor['films']} other real films against the {floor['real_films']} {split} films score "
+                f"FID {floor['fid']:.4g} and KID {floor['kid']:.4g}; a method that comes as close {verdict}")
+    return (f"Floor: {floor['films']} other real films, drawn {floor['draws']} times, against the "
+            f"{floor['real_films']} {split} films score FID {floor['fid']:.4g} (90 % of the draws "
+            f"{floor['fid_p5']:.4g} to {floor['fid_p95']:.4g}) and KID {floor['kid']:.4g} ({floor['kid_p5']:.4g} to "
+            f"{floor['kid_p95']:.4g}); a method within those ranges {verdict}")
