@@ -139,6 +139,7 @@ def test_train_command_line(prepared, tmp_path, capsys):
             "--depth", "0.25", "--steps", "1", "--no-augment", "--quiet"]
     assert main(args) == 0 and (run / "model.safetensors").exists()
     assert main(args) == 2 and "--resume" in capsys.readouterr().err  # the folder is taken
+    assert main(["train", "recon", "--out", str(tmp_path / "new")]) == 2 and "give --data" in capsys.readouterr().err
 
 
 def test_a_time_limit_stops_with_a_checkpoint_and_a_model_and_resume_finishes(prepared, tmp_path, capsys):
@@ -146,9 +147,14 @@ def test_a_time_limit_stops_with_a_checkpoint_and_a_model_and_resume_finishes(pr
     args = ["train", "recon", "--data", str(prepared), "--out", str(run), "--preset", "scaled", "--width", "0.125",
             "--depth", "0.25", "--steps", "3", "--checkpoint-every", "5", "--no-augment", "--quiet"]
     assert main([*args, "--time-limit", "0"]) == 0  # the limit has passed after the first step
-    assert "1 steps" in capsys.readouterr().out and (run / "model.safetensors").exists()
+    printed = capsys.readouterr().out
+    assert "1 steps" in printed and f"`ct2x train recon --out {run} --resume` continues to 3" in printed
+    assert (run / "model.safetensors").exists()
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 1  # saved although 1 % 5 != 0
-    assert main([*args, "--resume"]) == 0 and "3 steps" in capsys.readouterr().out
+    assert main(["train", "recon", "--data", str(tmp_path), "--out", str(run), "--resume"]) == 2  # another folder
+    assert f"trains on {prepared.resolve()}" in capsys.readouterr().err
+    assert main(["train", "recon", "--out", str(run), "--resume", "--quiet"]) == 0  # the run's own --data
+    assert "3 steps" in capsys.readouterr().out
     assert [row["step"] for row in csv.DictReader((run / "log.csv").open())][-1] == "3"
     assert main([*args[:4], str(tmp_path / "other"), *args[5:], "--time-limit", "-1"]) == 2
     assert not (tmp_path / "other").exists()  # refused before any run folder is made

@@ -33,7 +33,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--model", choices=("x2ct", "x2ct-single", "cvaa", "ct2x-gan"),
                         help="recon: x2ct: PA + lateral (X2CT-GAN+B, the default); x2ct-single: PA only (+S); cvaa: "
                              "PA + lateral (CVAA-GAN, view-attention fusion); synth: ct2x-gan (the default)")
-    parser.add_argument("--data", required=True, metavar="DIR", help="prepared folder (`ct2x prepare recon`)")
+    parser.add_argument("--data", metavar="DIR",
+                        help="prepared folder (`ct2x prepare recon` or `ct2x prepare synth`); with --resume, the "
+                             "run's own unless given")
     parser.add_argument("--out", required=True, metavar="RUN", help="run folder (new, or the run to --resume)")
     parser.add_argument("--preset", choices=PRESETS, default="full",
                         help="network size: the official one, or scaled by --width and --depth for CPU training "
@@ -119,6 +121,12 @@ def run(args: argparse.Namespace) -> int:
         raise CT2XInputError(f"--time-limit {args.time_limit}: must be minutes >= 0")
     if args.resume:
         config = TrainConfig.load(run_dir / CONFIG_FILE)
+        if args.data is not None and str(Path(args.data).expanduser().resolve()) != config.data:
+            raise CT2XInputError(f"--data {args.data}: the run in {run_dir} trains on {config.data}; leave --data out "
+                                 "to resume it")
+    elif args.data is None:
+        raise CT2XInputError(f"ct2x train {args.task}: give --data, a folder made by `ct2x prepare {args.task}` "
+                             "(only --resume takes the run's own)")
     else:
         if first_process and run_dir.exists() and any(run_dir.iterdir()):
             raise CT2XInputError(f"--out {run_dir}: folder exists and is not empty; choose a new folder, or pass "
@@ -137,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
     trainer = Trainer(config, run_dir, device, resume=args.resume)
     trainer.run(progress=not args.quiet, time_limit_s=None if args.time_limit is None else args.time_limit * 60)
     if first_process:
-        stopped = (f" (stopped by --time-limit; --resume continues to {config.steps})"
+        stopped = (f" (stopped by --time-limit; `ct2x train {args.task} --out {run_dir} --resume` continues to "
+                   f"{config.steps})"
                    if trainer.step < config.steps else "")
         print(f"ct2x train: {trainer.step} steps of {config.model} in {run_dir} (model.safetensors, log.csv, "
               f"samples/){stopped}")
