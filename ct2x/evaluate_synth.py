@@ -13,8 +13,8 @@ Metrics (`SYNTH_METRICS`):
   named feature network (Tables 1-2). Methods: the X-ray-style and the DRR-style syntheses, and the plain physics
   DRRs themselves as the baseline; all three sets have one film per case and pose, so their numbers compare;
 - the floor (`real_film_floor`): FID and KID of real films from the folder's other splits, drawn at the methods' set
-  size, against the split's films. Real films score this against real films, so no method can be told apart from
-  one that comes within its range, however good its features: compare a method with the floor before ranking it.
+  size, against the split's films: what real films score against real films. A method within its range cannot be
+  told from real films on these features and set sizes, so compare a method with the floor before ranking it.
 Films are (F, F) in [0, 1], bone bright, as the folder stores them; the networks' [-1, 1] is mapped in and out here.
 
 The model file is read by the synthesis engine's `ct2x.synthesize.load_synth_model`, and runs through
@@ -147,18 +147,19 @@ def real_film_floor(data: Union[str, Path], features: FeatureNetwork, films: int
                     device: str = "cpu") -> Optional[Dict[str, float]]:
     """FID and KID of real films against the real films of `split`, at the methods' set size: `draws` seeded draws
     of `films` films from the folder's other splits, or from every split of the prepared folder `pool` less the
-    split's own films (by film id), one draw of them all when they are no more, against the split's films; mean,
-    lowest and highest over the draws, and the set sizes. None when fewer than two such films exist."""
+    split's own films (by film id), one draw of them all when they are no more, against the split's films; mean
+    and 5th and 95th percentiles over the draws, and the set sizes. None when fewer than two such films exist."""
     split_films = film_paths(data, split)
     own = {path.stem for path in split_films}
     others = [path for path in film_paths(data if pool is None else pool) if path.stem not in own]
     if len(others) < 2:
         return None
-    real = _film_features(split_films, features, device)
-    pool = _film_features(others, features, device)
-    size = min(films, len(pool))
+    real = _film_features(split_films, features, device)  # (N, F)
+    candidates = _film_features(others, features, device)  # (M, F)
+    size = min(films, len(candidates))
     rng = np.random.default_rng(seed)
-    picks = [pool[rng.choice(len(pool), size, replace=False)] for _ in range(draws if size < len(pool) else 1)]
+    picks = [candidates[rng.choice(len(candidates), size, replace=False)]
+             for _ in range(draws if size < len(candidates) else 1)]
     fids = [frechet_distance(pick, real) for pick in picks]
     kids = [kernel_inception_distance(pick, real)[0] for pick in picks]
     floor: Dict[str, float] = {}

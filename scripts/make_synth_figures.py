@@ -1,17 +1,19 @@
 """Draw docs/ct2x_gan.md's training figures: loss curves of several `ct2x train synth` runs, and a grid of one
 prepared case at its poses: the physics DRR, each model's X-ray-style synthesis (styled by the same real films of one
-split), the first model's DRR-style synthesis, and the style films.
+split), the first model's DRR-style synthesis, and the style films; with `--report`, FID against the training step
+from `ct2x evaluate synth` reports of one run's models, beside the physics DRR and the real films' floor.
 
     python scripts/make_synth_figures.py --run NAME=RUN [--run NAME=RUN ...] --data PREPARED --case CASE \
-        [--split test] --out-prefix docs/images/synth_cpu
+        [--split test] [--report STEP=REPORT ...] --out-prefix docs/images/synth_cpu
 
-Writes PREFIX_curves.png and PREFIX_grid.png. Dev-time only: needs matplotlib.
+Writes PREFIX_curves.png, PREFIX_grid.png and, with --report, PREFIX_fid.png. Dev-time only: needs matplotlib.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 from pathlib import Path
 from typing import Dict, List
 
@@ -57,6 +59,35 @@ def draw_curves(runs: Dict[str, Path], out: Path) -> None:
     figure.savefig(out, dpi=110)
 
 
+def draw_fid(reports: Dict[int, Path], out: Path) -> None:
+    """FID of the X-ray-style and DRR-style syntheses against the step, from `ct2x evaluate synth` reports (one per
+    step), with the physics DRR's FID as a line and the floor's 5th-95th percentiles as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted(reports)
+    summaries = [json.loads((reports[step] / "summary.json").read_text()) for step in steps]
+    figure, axis = plt.subplots(figsize=(5.6, 3.4))
+    for style in ("X-ray style", "DRR style"):
+        fids = [next(v["fid"] for method, v in summary["distribution"].items() if method.endswith(f"({style})"))
+                for summary in summaries]
+        axis.plot(steps, fids, marker="o", label=f"model, {style}")
+    last = summaries[-1]
+    axis.axhline(last["distribution"]["physics DRR"]["fid"], color="black", linestyle="--", label="physics DRR")
+    floor = last["real_film_floor"]
+    if floor is not None:
+        axis.axhspan(floor["fid_p5"], floor["fid_p95"], color="grey", alpha=0.3,
+                     label="real films (5th-95th percentile)")
+    axis.set_yscale("log")
+    axis.set_xlabel("step")
+    axis.set_ylabel(f"FID ({last['features']})", fontsize=8)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+
+
 def draw_grid(runs: Dict[str, Path], data: Path, case_name: str, split: str, out: Path, gap_px: int = 2) -> None:
     case = load_case(data / "cases" / f"{case_name}.npz")
     films = film_paths(data, split)
@@ -81,9 +112,14 @@ def main() -> None:
     parser.add_argument("--data", required=True, type=Path, help="prepared synth folder holding the case")
     parser.add_argument("--case", required=True, help="case id in the folder")
     parser.add_argument("--split", default="test", help="split of the real films that give the style")
+    parser.add_argument("--report", action="append", default=[], metavar="STEP=REPORT",
+                        help="a `ct2x evaluate synth` report folder of the model at STEP")
     parser.add_argument("--out-prefix", required=True, type=Path)
     args = parser.parse_args()
     runs = parse_runs(args.run)
+    if args.report:
+        reports = {int(step): folder for step, folder in parse_runs(args.report).items()}
+        draw_fid(reports, args.out_prefix.with_name(args.out_prefix.name + "_fid.png"))
     draw_curves(runs, args.out_prefix.with_name(args.out_prefix.name + "_curves.png"))
     draw_grid(runs, args.data, args.case, args.split, args.out_prefix.with_name(args.out_prefix.name + "_grid.png"))
 
