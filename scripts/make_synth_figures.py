@@ -46,6 +46,9 @@ def draw_curves(runs: Dict[str, Path], out: Path) -> None:
 
     figure, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.2))
     for name, folder in runs.items():
+        if not (folder / "log.csv").exists():
+            print(f"{folder} has no log.csv: {name} is left out of the curves")
+            continue
         rows = list(csv.DictReader((folder / "log.csv").open()))
         steps = np.array([int(row["step"]) for row in rows])
         for axis, (column, title) in zip(axes, CURVES):
@@ -60,8 +63,9 @@ def draw_curves(runs: Dict[str, Path], out: Path) -> None:
 
 
 def draw_fid(reports: Dict[int, Path], out: Path) -> None:
-    """FID of the X-ray-style and DRR-style syntheses against the step, from `ct2x evaluate synth` reports (one per
-    step), with the physics DRR's FID as a line and the floor's 5th-95th percentiles as a band."""
+    """Left: FID of the X-ray-style and DRR-style syntheses against the step, from `ct2x evaluate synth` reports (one
+    per step), with the physics DRR's FID as a line and the floor's 5th-95th percentiles as a band. Right: PSNR and
+    SSIM of the DRR-style synthesis against the DRR (the anatomy kept), mean and standard deviation over the films."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,7 +73,7 @@ def draw_fid(reports: Dict[int, Path], out: Path) -> None:
 
     steps = sorted(reports)
     summaries = [json.loads((reports[step] / "summary.json").read_text()) for step in steps]
-    figure, axis = plt.subplots(figsize=(5.6, 3.4))
+    figure, (axis, anatomy) = plt.subplots(1, 2, figsize=(10.4, 3.4))
     for style in ("X-ray style", "DRR style"):
         fids = [next(v["fid"] for method, v in summary["distribution"].items() if method.endswith(f"({style})"))
                 for summary in summaries]
@@ -84,6 +88,14 @@ def draw_fid(reports: Dict[int, Path], out: Path) -> None:
     axis.set_xlabel("step")
     axis.set_ylabel(f"FID ({last['features']})", fontsize=8)
     axis.legend(fontsize=8)
+    ssim_axis = anatomy.twinx()
+    for target, metric, colour in ((anatomy, "psnr", "tab:blue"), (ssim_axis, "ssim", "tab:red")):
+        means = np.array([summary["films"][metric]["mean"] for summary in summaries])
+        spreads = np.array([summary["films"][metric]["std"] for summary in summaries])
+        target.errorbar(steps, means, yerr=spreads, marker="o", capsize=3, color=colour)
+        target.set_ylabel("PSNR (dB)" if metric == "psnr" else "SSIM", color=colour, fontsize=8)
+    anatomy.set_xlabel("step")
+    anatomy.set_title("DRR-style synthesis against the DRR", fontsize=9)
     figure.tight_layout()
     figure.savefig(out, dpi=110)
 
@@ -117,6 +129,7 @@ def main() -> None:
     parser.add_argument("--out-prefix", required=True, type=Path)
     args = parser.parse_args()
     runs = parse_runs(args.run)
+    args.out_prefix.parent.mkdir(parents=True, exist_ok=True)
     if args.report:
         reports = {int(step): folder for step, folder in parse_runs(args.report).items()}
         draw_fid(reports, args.out_prefix.with_name(args.out_prefix.name + "_fid.png"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -117,6 +118,28 @@ def test_prepare_command_line(ct_files, tmp_path, capsys):
     assert "2 cases" in capsys.readouterr().out
     assert main(["prepare", "recon", str(ct_files / "p3_broken.nii.gz"), "--out", str(tmp_path / "bad"),
                  "--quiet"]) == 2
+
+
+def test_a_validation_split_leaves_the_test_split_as_it_was(ct_files, tmp_path, capsys):
+    inputs = [ct_files / "p1_a.mha", ct_files / "p2_a.nii.gz"]
+    for patient in ("p4", "p5"):
+        shutil.copy(ct_files / "p1_a.mha", tmp_path / f"{patient}_a.mha")
+        inputs.append(tmp_path / f"{patient}_a.mha")
+    splits = {}
+    for val_fraction in ("0", "0.25"):
+        out = tmp_path / f"val{val_fraction}"
+        assert main(["prepare", "recon", *map(str, inputs), "--out", str(out), "--voxels", "32", "--film-px", "32",
+                     "--test-fraction", "0.25", "--val-fraction", val_fraction, "--quiet"]) == 0
+        cases = json.loads((out / "manifest.json").read_text())["cases"]
+        splits[val_fraction] = {case: record["split"] for case, record in cases.items()}
+    assert "(2 train, 1 val, 1 test)" in capsys.readouterr().out.splitlines()[-1]
+    without, with_val = splits["0"], splits["0.25"]
+    assert [case for case in without if without[case] == "test"] == [case for case in with_val
+                                                                      if with_val[case] == "test"]
+    assert sorted(with_val.values()) == ["test", "train", "train", "val"] and "val" not in without.values()
+    assert len(ReconDataset(tmp_path / "val0.25", "val")) == 1
+    with pytest.raises(CT2XInputError, match="val_fraction"):
+        ReconPreparation(test_fraction=0.5, val_fraction=0.5)
 
 
 def test_dataset_samples_and_reproducible_augmentation(ct_files, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import shutil
 from typing import Iterator
 
 import pytest
@@ -130,6 +131,26 @@ def test_run_files_and_exact_resume(prepared, tmp_path, monkeypatch, gan_weight)
     assert [row["step"] for row in resumed] == ["1", "2", "3"]
     for key in set(uninterrupted[2]) - {"seconds"}:
         assert resumed[2][key] == uninterrupted[2][key]  # the step after resuming equals the uninterrupted run's
+
+
+def test_validation_scores_the_x2ct_generator_and_keeps_the_best(prepared, tmp_path):
+    with_val = tmp_path / "with_val"
+    source = json.loads((prepared / "manifest.json").read_text())["cases"]["a"]["source"]
+    shutil.copy(source, tmp_path / "b.mha")
+    prepare_recon([source, tmp_path / "b.mha"], with_val, ReconPreparation(ct_voxels=64, film_px=64, test_fraction=0,
+                                                                           val_fraction=0.5), progress=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    trainer = Trainer(tiny_config(with_val, steps=2, decay_steps=0, validate_every=1), run, torch.device("cpu"))
+    trainer.run(progress=False)
+    errors = [float(row["validation_error"]) for row in csv.DictReader((run / "log.csv").open())]
+    assert len(errors) == 2 and all(0 < error < 1 for error in errors)
+    network = models.load(run / "best_model.safetensors")[0].eval()
+    validation = ReconGAN.validation_set(trainer.config)
+    with torch.no_grad():
+        error = trainer.objective.validation_error(network, torch.utils.data.default_collate([validation[0]]),
+                                                   torch.device("cpu"))
+    assert error == pytest.approx(min(errors), rel=1e-5) and trainer.validation["best"] == pytest.approx(error)
 
 
 @pytest.mark.slow

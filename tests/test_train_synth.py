@@ -19,6 +19,7 @@ from ct2x.cli.main import main
 from ct2x.data.ct_motion import CTMotion
 from ct2x.data.prepare_synth import SynthPreparation, load_case, prepare_synth
 from ct2x.data.synth_dataset import SynthAugmentation, SynthDataset
+from ct2x.errors import CT2XInputError
 from ct2x.io import save_ct, save_png
 from ct2x.models import build_network
 from ct2x.models import load as load_model
@@ -106,15 +107,14 @@ def test_a_step_lowers_the_reconstruction_loss_on_a_fixed_batch(prepared):
     assert after.item() < first["g_reconstruction"]
 
 
-def test_lazy_r1_steps_log_their_terms_in_their_own_columns(prepared, tmp_path):
+def test_lazy_r1_steps_log_the_latest_r1(prepared, tmp_path):
     config = tiny_config(prepared, loss_config={**NO_LPIPS, "r1_interval": 2}, sample_every=5)
     Trainer(config, tmp_path, torch.device("cpu")).run(progress=False)
     rows = list(csv.DictReader((tmp_path / "log.csv").open()))
-    assert [row["d_r1"] == "nan" for row in rows] == [False, True, False]  # R1 after 0 and 2 steps done
+    r1 = [float(row["d_r1"]) for row in rows]  # R1 after 0 and 2 steps done; the step between repeats the first
+    assert r1[0] >= 0 and r1[2] >= 0 and r1[1] == r1[0] and r1[2] != r1[0]
     for row in rows:
-        assert float(row["d_total"]) == float(row["d_total"])  # a number, never the NaN of a step without R1
-        if row["d_r1"] != "nan":
-            assert float(row["d_r1"]) >= 0
+        assert float(row["d_total"]) == float(row["d_total"])  # a number on every step
 
 
 def test_run_files_model_and_exact_resume(prepared, tmp_path, monkeypatch):
@@ -140,6 +140,71 @@ def test_run_files_model_and_exact_resume(prepared, tmp_path, monkeypatch):
     assert [row["step"] for row in resumed] == ["1", "2", "3"]
     for key in set(rows[2]) - {"seconds"}:
         assert resumed[2][key] == rows[2][key]  # the step after resuming equals the uninterrupted run's
+
+
+@pytest.fixture(scope="module")
+def prepared_with_val(prepared):
+    """The same CTs and films, case b and a film in the validation split."""
+    folder = prepared.parent
+    out = folder / "with_val"
+    prepare_synth([folder / "a.mha", folder / "b.mha"], [folder / f"film{n}.png" for n in range(3)], out,
+                  SynthPreparation(voxel_mm=8.0, ct_voxels=16, film_px=32, mip_px=16, val_fraction=0.4,
+                                   test_fraction=0), progress=False)
+    return out
+
+
+def mean_validation_error(model_path, data) -> float:
+    """The mean of `SynthGAN.validation_error` over the validation split, the model file's network scoring."""
+    network = load_model(model_path)[0].eval()
+    objective = SynthGAN(network, build_network("ct2x-gan-discriminator", TINY_DISCRIMINATOR),
+                         tiny_config(data))
+    validation = SynthGAN.validation_set(tiny_config(data))
+    with torch.no_grad():
+        errors = [objective.validation_error(network, torch.utils.data.default_collate([validation[index]]),
+                                             torch.device("cpu")) for index in range(len(validation))]
+    return sum(errors) / len(errors)
+
+
+def test_validation_keeps_the_best_model_and_resumes_alike(prepared_with_val, tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    config = tiny_config(prepared_with_val, steps=4, validate_every=2)
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    whole.mkdir()
+    stopped.mkdir()
+    trainer = Trainer(config, whole, torch.device("cpu"))
+    trainer.run(progress=False)
+    rows = list(csv.DictReader((whole / "log.csv").open()))
+    errors = [float(row["validation_error"]) for row in rows]  # scored after steps 2 and 4, the latest logged
+    assert np.isnan(errors[0]) and errors[1] == errors[2] and errors[3] != errors[1] and errors[1] > 0
+    best_step = 2 if errors[1] < errors[3] else 4
+    assert trainer.validation["best_step"] == best_step
+    assert mean_validation_error(whole / "best_model.safetensors", prepared_with_val) == pytest.approx(
+        min(errors[1], errors[3]), rel=1e-5)  # the kept model scores what was logged for it
+    assert mean_validation_error(whole / "model.safetensors", prepared_with_val) == pytest.approx(errors[3], rel=1e-5)
+    description = load_model(whole / "best_model.safetensors")[1].description
+    assert f"for {best_step} steps" in description and "lowest validation error" in description
+
+    with ctrl_c_at_the_third_step(monkeypatch, SynthGAN):
+        Trainer(config, stopped, torch.device("cpu")).run(progress=False)
+    Trainer(config, stopped, torch.device("cpu"), resume=True).run(progress=False)
+    resumed = list(csv.DictReader((stopped / "log.csv").open()))
+    assert [row["validation_error"] for row in resumed] == [row["validation_error"] for row in rows]
+    kept, resumed_best = (load_file(run / "best_model.safetensors") for run in (whole, stopped))
+    assert all(torch.equal(kept[name], resumed_best[name]) for name in kept)
+
+
+def test_validation_on_the_command_line_and_without_a_validation_split(prepared, prepared_with_val, tmp_path,
+                                                                       capsys):
+    common = ["--preset", "scaled", "--width", "0.0625", "--steps", "2", "--batch-size", "2", "--no-lpips", "--quiet",
+              "--validate-every", "2"]
+    assert main(["train", "synth", "--data", str(prepared_with_val), "--out", str(tmp_path / "run"), *common]) == 0
+    assert TrainConfig.load(tmp_path / "run" / CONFIG_FILE).validate_every == 2
+    assert "best_model.safetensors from step 2" in capsys.readouterr().out
+    assert (tmp_path / "run" / "best_model.safetensors").exists()
+    assert main(["train", "synth", "--data", str(prepared), "--out", str(tmp_path / "none"), *common]) == 2
+    assert "no val" in capsys.readouterr().err and not (tmp_path / "none").exists()  # no half-made run folder
+    with pytest.raises(CT2XInputError, match="validate_every"):
+        tiny_config(prepared, validate_every=-1)
 
 
 @pytest.mark.slow

@@ -35,6 +35,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     recon.add_argument("--film-px", type=int, default=128, help="film pixels per side (default %(default)s)")
     recon.add_argument("--test-fraction", type=float, default=0.1, metavar="F",
                        help="share of patients held out for testing (default %(default)s; at least one)")
+    recon.add_argument("--val-fraction", type=float, default=0.0, metavar="F",
+                       help="share of patients held out for validation, for `ct2x train --validate-every` (default "
+                            "%(default)s: none; at least one when above 0)")
     _add_common(recon)
 
     synth = tasks.add_parser(
@@ -97,11 +100,12 @@ def _run_recon(args: argparse.Namespace) -> int:
     from ct2x.data.prepare_recon import ReconPreparation, prepare_recon
 
     settings = ReconPreparation(cube_mm=args.cube_mm, ct_voxels=args.voxels, film_px=args.film_px,
-                                stored_values=args.stored_values, test_fraction=args.test_fraction, seed=args.seed,
-                                patient_pattern=args.patient_pattern)
+                                stored_values=args.stored_values, test_fraction=args.test_fraction,
+                                val_fraction=args.val_fraction, seed=args.seed, patient_pattern=args.patient_pattern)
     manifest = prepare_recon(args.inputs, args.out, settings, workers=args.workers, progress=not args.quiet)
     splits = Counter(record["split"] for record in manifest["cases"].values())
-    print(f"ct2x prepare recon: {len(manifest['cases'])} cases in {args.out} ({splits['train']} train, "
+    validation = f"{splits['val']} val, " if splits["val"] else ""
+    print(f"ct2x prepare recon: {len(manifest['cases'])} cases in {args.out} ({splits['train']} train, {validation}"
           f"{splits['test']} test); {len(manifest['failed'])} CTs skipped" +
           ("" if not manifest["failed"] else f" (see {args.out}/manifest.json)"))
     return 0 if manifest["cases"] else 2

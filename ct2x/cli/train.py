@@ -78,6 +78,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--ema-decay", type=float, default=0.0, metavar="D",
                         help="keep an exponential moving average of the generator's weights, decay D per step, and "
                              "write it as the model (e.g. 0.993: a half-life of 100 steps; default 0, none)")
+    parser.add_argument("--validate-every", type=int, default=0, metavar="N",
+                        help="score the model on the data folder's validation split every N steps and keep the best "
+                             "as best_model.safetensors (default 0: never)")
     parser.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes (default %(default)s)")
     parser.add_argument("--checkpoint-every", type=int, default=200, metavar="N", help="(default %(default)s)")
@@ -138,18 +141,20 @@ def run(args: argparse.Namespace) -> int:
             batch_size=defaults["batch_size"] if args.batch_size is None else args.batch_size,
             learning_rate=defaults["learning_rate"] if args.learning_rate is None else args.learning_rate,
             betas=defaults["betas"], seed=args.seed, workers=args.workers, checkpoint_every=args.checkpoint_every,
-            sample_every=args.sample_every, ema_decay=args.ema_decay, **settings)
-        if first_process:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            config.save(run_dir / CONFIG_FILE)
-    trainer = Trainer(config, run_dir, device, resume=args.resume)
+            sample_every=args.sample_every, ema_decay=args.ema_decay, validate_every=args.validate_every, **settings)
+    trainer = Trainer(config, run_dir, device, resume=args.resume)  # refuses missing data before the folder is made
+    if first_process and not args.resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir / CONFIG_FILE)
     trainer.run(progress=not args.quiet, time_limit_s=None if args.time_limit is None else args.time_limit * 60)
     if first_process:
         stopped = (f" (stopped by --time-limit; `ct2x train {args.task} --out {run_dir} --resume` continues to "
                    f"{config.steps})"
                    if trainer.step < config.steps else "")
-        print(f"ct2x train: {trainer.step} steps of {config.model} in {run_dir} (model.safetensors, log.csv, "
-              f"samples/){stopped}")
+        best = trainer.validation["best_step"]
+        best_model = f"best_model.safetensors from step {best}, " if best else ""
+        print(f"ct2x train: {trainer.step} steps of {config.model} in {run_dir} (model.safetensors, {best_model}"
+              f"log.csv, samples/){stopped}")
     return 0
 
 

@@ -48,11 +48,12 @@ class ReconPreparation:
     film_px: int = 128  # film pixels per side
     stored_values: str = "auto"  # "auto", "hu" or "hu+1024" (see ct2x.volume.interpret_stored_values)
     test_fraction: float = 0.1  # share of patients held out for testing (at least one when there are two or more)
+    val_fraction: float = 0.0  # ... then for validation (none by default; `ct2x train --validate-every` scores on it)
     seed: int = 0  # of the split
     patient_pattern: str = ""  # regular expression whose first group takes the patient id from the case id
 
     def __post_init__(self) -> None:
-        check_fractions({"test_fraction": self.test_fraction})
+        check_fractions({"test_fraction": self.test_fraction, "val_fraction": self.val_fraction})
         if self.ct_voxels < 16 or self.film_px < 16 or not self.cube_mm > 0:
             raise CT2XInputError("cube_mm must be positive and ct_voxels, film_px at least 16")
         check_patient_pattern(self.patient_pattern)
@@ -93,10 +94,11 @@ def prepare_recon(inputs: Sequence[PathLike], out: PathLike, settings: ReconPrep
 
 
 def _assign_splits(manifest: dict, settings: ReconPreparation) -> None:
-    """Split patients (not cases) into train and test with the settings' seed; every case gets its patient's split."""
+    """Split patients (not cases) into train, test and val with the settings' seed (test drawn first, so a val
+    fraction leaves the test split as without it); every case gets its patient's split."""
     for case, record in manifest["cases"].items():
         record["patient"] = patient_of(case, settings.patient_pattern)
-    assign_splits(manifest["cases"], (("test", settings.test_fraction),), settings.seed)
+    assign_splits(manifest["cases"], (("test", settings.test_fraction), ("val", settings.val_fraction)), settings.seed)
 
 
 def load_case(path: PathLike) -> Dict[str, np.ndarray]:

@@ -120,6 +120,18 @@ class CT2XGANBatch(NamedTuple):
     xray: Tensor  # (N, 1, s, s) real X-ray films (style references, unpaired), in [-1, 1]
 
 
+def syntheses(generator: CT2XGANGenerator, batch: CT2XGANBatch) -> Dict[str, Tensor]:
+    """The X-ray-style and DRR-style syntheses (N, 1, s, s) of the batch's CTs at its poses and the style codes
+    (N, w_dim) they were made with (the two syntheses are one film without a style encoder)."""
+    content = generator.content_code(generator.encode_ct(batch.ct), batch.label, batch.mip)  # (N, L_c, w_dim)
+    if generator.style_encoder is None:
+        film = generator.synthesize(content)
+        return {"xray_synthesis": film, "drr_synthesis": film}
+    xray_style, drr_style = generator.style_code(batch.xray, XRAY), generator.style_code(batch.drr, DRR)
+    return {"xray_synthesis": generator.synthesize(content, xray_style), "xray_style": xray_style,
+            "drr_synthesis": generator.synthesize(content, drr_style), "drr_style": drr_style}
+
+
 class CT2XGANLoss:
     """Eqs. 18-19 for one batch: the generator side's objective and the discriminator's, each with its terms.
 
@@ -133,16 +145,8 @@ class CT2XGANLoss:
         self.config = config or CT2XGANLossConfig()
 
     def synthesize(self, batch: CT2XGANBatch) -> Dict[str, Tensor]:
-        """The X-ray-style and DRR-style syntheses (N, 1, s, s) and the style codes (N, w_dim) they were made with
-        (the two syntheses are one film without a style encoder)."""
-        generator = self.generator
-        content = generator.content_code(generator.encode_ct(batch.ct), batch.label, batch.mip)  # (N, L_c, w_dim)
-        if generator.style_encoder is None:
-            film = generator.synthesize(content)
-            return {"xray_synthesis": film, "drr_synthesis": film}
-        xray_style, drr_style = generator.style_code(batch.xray, XRAY), generator.style_code(batch.drr, DRR)
-        return {"xray_synthesis": generator.synthesize(content, xray_style), "xray_style": xray_style,
-                "drr_synthesis": generator.synthesize(content, drr_style), "drr_style": drr_style}
+        """`syntheses` of the batch by the generator being trained."""
+        return syntheses(self.generator, batch)
 
     def generator_terms(self, batch: CT2XGANBatch) -> Dict[str, Tensor]:
         """Eq. 18's terms, unweighted, and "total" = lambda_adv L_adv + L_rec + L_consis + lambda_0 L0 (L_rec with

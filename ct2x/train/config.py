@@ -67,6 +67,9 @@ class TrainConfig:
     # Exponential moving average of the generator's weights (StyleGAN2's G_ema; 0 = none): after every step
     # ema = ema_decay * ema + (1 - ema_decay) * weights; the model file then holds the average.
     ema_decay: float = 0.0
+    # Every this many steps (0 = never) the generator (its average with ema_decay) is scored on the data folder's
+    # validation split, and the best so far is kept as best_model.safetensors beside the last.
+    validate_every: int = 0
 
     def __post_init__(self) -> None:
         if self.model not in RECIPES:
@@ -74,6 +77,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "log_every", "sample_every", "checkpoint_every"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise CT2XInputError(f"{name}={getattr(self, name)!r}: must be a whole number, at least 1")
+        if not (isinstance(self.validate_every, int) and self.validate_every >= 0):
+            raise CT2XInputError(f"validate_every={self.validate_every!r}: must be a whole number, 0 (never) or more")
         if not 0 <= self.decay_steps <= self.steps:
             raise CT2XInputError(f"decay_steps={self.decay_steps}: must lie between 0 and steps ({self.steps})")
         if not 0 <= self.ema_decay < 1:

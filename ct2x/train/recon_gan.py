@@ -9,6 +9,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ct2x import __version__
 from ct2x.data.preparation import prepared_settings
@@ -58,6 +59,18 @@ class ReconGAN:
     def training_set(config: TrainConfig) -> ReconDataset:
         """The training split of `config.data`, re-rendered on the fly when `config.augment`."""
         return ReconDataset(config.data, "train", ReconAugmentation() if config.augment else None, seed=config.seed)
+
+    @staticmethod
+    def validation_set(config: TrainConfig) -> ReconDataset:
+        """The validation split of `config.data` with its stored films."""
+        return ReconDataset(config.data, "val", None, seed=config.seed)
+
+    def validation_error(self, generator: torch.nn.Module, batch: Dict[str, torch.Tensor],
+                         device: torch.device) -> float:
+        """Mean absolute difference between the volume `generator` makes from the batch's films and the CT (both in
+        the preparation's [0, 1] intensity units)."""
+        predicted = generator(*(batch[name].to(device) for name in self.films))  # (N, 1, D, H, W)
+        return F.l1_loss(predicted.float(), batch["ct"].to(device).float()).item()
 
     def set_learning_rate(self, learning_rate: float) -> None:
         for optimizer in self._optimizers():

@@ -20,12 +20,13 @@ from typing import Dict, Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ct2x import __version__
 from ct2x.data.preparation import prepared_settings
 from ct2x.data.synth_dataset import SynthAugmentation, SynthDataset
 from ct2x.models import ModelInfo
-from ct2x.nets.ct2x_gan_losses import CT2XGANBatch, CT2XGANLoss, CT2XGANLossConfig, Perceptual
+from ct2x.nets.ct2x_gan_losses import CT2XGANBatch, CT2XGANLoss, CT2XGANLossConfig, Perceptual, syntheses
 from ct2x.train.config import TrainConfig, network_config
 from ct2x.train.distributed import average_gradients, share_first_process_weights
 
@@ -47,6 +48,7 @@ class SynthGAN:
         self.generator_optimizer = torch.optim.Adam(generator.parameters(), config.learning_rate, config.betas)
         self.discriminator_optimizer = torch.optim.Adam(discriminator.parameters(), config.learning_rate,
                                                         config.betas)
+        self.latest_r1 = float("nan")  # the last R1 penalty, logged on the lazy steps without one
 
     @staticmethod
     def uses_discriminator(config: TrainConfig) -> bool:
@@ -65,6 +67,18 @@ class SynthGAN:
         return SynthDataset(config.data, "train", seed=config.seed,
                             augmentation=SynthAugmentation() if config.augment else None)
 
+    @staticmethod
+    def validation_set(config: TrainConfig) -> SynthDataset:
+        """The validation split of `config.data` at its stored poses, the CTs unmoved."""
+        return SynthDataset(config.data, "val", seed=config.seed)
+
+    def validation_error(self, generator: torch.nn.Module, batch: Dict[str, torch.Tensor],
+                         device: torch.device) -> float:
+        """Mean absolute difference between `generator`'s DRR-style synthesis and the DRR (eq. 8's MAE, films in
+        [-1, 1]): how well it keeps the CT's anatomy at the batch's poses."""
+        inputs = self.inputs(batch, device)
+        return F.l1_loss(syntheses(generator, inputs)["drr_synthesis"].float(), inputs.drr.float()).item()
+
     def set_learning_rate(self, learning_rate: float) -> None:
         for optimizer in (self.generator_optimizer, self.discriminator_optimizer):
             for group in optimizer.param_groups:
@@ -78,7 +92,7 @@ class SynthGAN:
 
     def step(self, batch: Dict[str, torch.Tensor], device: torch.device, done: int = 0) -> Dict[str, float]:
         """One generator-side and one discriminator update after `done` steps; the terms as floats, "g_..." and
-        "d_..." ("d_r1" is NaN on steps without R1)."""
+        "d_..." ("d_r1" is the latest R1 penalty: a lazy step without one repeats the last, NaN before the first)."""
         inputs = self.inputs(batch, device)
         self.generator.train()
         self.discriminator.train()
@@ -95,9 +109,11 @@ class SynthGAN:
         discriminator_terms["total"].backward()
         average_gradients(self.discriminator)
         self.discriminator_optimizer.step()
-        return {"d_r1": float("nan"),  # replaced below on the steps with R1
+        if "r1" in discriminator_terms:
+            self.latest_r1 = discriminator_terms["r1"].item()
+        return {"d_r1": self.latest_r1,
                 **{f"g_{name}": value.item() for name, value in generator_terms.items()},
-                **{f"d_{name}": value.item() for name, value in discriminator_terms.items()}}
+                **{f"d_{name}": value.item() for name, value in discriminator_terms.items() if name != "r1"}}
 
     def sample_picture(self, batch: Dict[str, torch.Tensor], device: torch.device) -> np.ndarray:
         """uint8 films of the batch's first sample side by side: DRR | DRR-style synthesis | X-ray-style synthesis |

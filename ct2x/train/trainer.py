@@ -6,8 +6,11 @@ events when the `tensorboard` package is installed, `samples/step_NNNNNN.png` (t
 X-ray -> CT mid slices, true above and predicted below), `checkpoint.pt` (written atomically every `checkpoint_every`
 steps and at the end) and, at the end, `model.safetensors` (the generator as a CT2X model file, `ct2x.models`, with
 the metadata the objective gives; with `ema_decay` the moving average of its weights, which the trainer keeps beside
-it whatever the network). The objective (RECIPES' "objective") builds the training set and decides whether
-a discriminator is trained: X2CT's with `gan_weight` 0 builds, trains and checkpoints none.
+it whatever the network). With `validate_every`, that network is scored on the data folder's validation split every
+so many steps (the objective's `validation_error`, lower is better; logged as "validation_error") and the best so
+far is written as `best_model.safetensors`: a small set can overfit long before the last step. The objective
+(RECIPES' "objective") builds the training and validation sets and decides whether a discriminator is trained:
+X2CT's with `gan_weight` 0 builds, trains and checkpoints none.
 
 Resuming continues exactly: the checkpoint holds the networks, optimisers, random-number state and the position in
 the seeded data order, so with a fixed seed the next step's losses equal those of a run that was never stopped.
@@ -35,6 +38,7 @@ from ct2x.train.config import TrainConfig
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.csv"
 MODEL = "model.safetensors"
+BEST_MODEL = "best_model.safetensors"
 
 
 class Trainer:
@@ -60,6 +64,8 @@ class Trainer:
         self.dataset = objective.training_set(config)
         self.generator_ema = _WeightAverage(_unwrap(self.generator), config.ema_decay) if config.ema_decay else None
         self.step = 0  # generator updates done, one batch each
+        self.validation_set = self._validation_set() if config.validate_every and self.is_main else None
+        self.validation = {"latest": float("nan"), "best": float("inf"), "best_step": 0}  # errors; the best's step
         if resume:
             self._load_checkpoint()
 
@@ -92,6 +98,10 @@ class Trainer:
             out_of_time = (time_limit_s is not None and self.step < config.steps
                            and self._out_of_time(started, time_limit_s))
             last = self.step == config.steps or out_of_time
+            if self.validation_set is not None:  # not at a --time-limit stop, so that a resumed run scores alike
+                if self.step % config.validate_every == 0 or self.step == config.steps:
+                    self._validate(autocast)
+                losses = {**losses, "validation_error": self.validation["latest"]}
             if self.is_main and (self.step % config.log_every == 0 or last):
                 row = {"step": self.step, "learning_rate": config.learning_rate_at(self.step - 1),
                        "seconds": round(time.perf_counter() - started, 2), **losses}
@@ -159,7 +169,7 @@ class Trainer:
             networks["discriminator"] = _unwrap(self.discriminator).state_dict()
         if self.generator_ema is not None:
             networks["generator_ema"] = self.generator_ema.network.state_dict()
-        state = {"step": self.step, "config": self.config.to_dict(), **networks,
+        state = {"step": self.step, "config": self.config.to_dict(), "validation": self.validation, **networks,
                  **self.objective.optimizer_states(), "torch_rng": torch.get_rng_state(),
                  "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
         temporary = self.run_dir / f".{CHECKPOINT}.{os.getpid()}"
@@ -183,6 +193,7 @@ class Trainer:
         if state["cuda_rng"]:
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
         self.step = int(state["step"])
+        self.validation = dict(state["validation"])
 
     def _save_sample(self, batch: Dict[str, torch.Tensor]) -> None:
         from ct2x.io import save_png
@@ -192,13 +203,42 @@ class Trainer:
         (self.run_dir / "samples").mkdir(exist_ok=True)
         save_png(picture, self.run_dir / "samples" / f"step_{self.step:06d}.png")
 
-    def _save_model(self) -> None:
+    def _save_model(self, name: str = MODEL, note: str = "") -> None:
         info = self.objective.model_info(self.step, len(self.dataset))
         if self.generator_ema is not None:
-            info = dataclasses.replace(info, description=f"{info.description}, weights averaged (EMA, decay "
-                                                         f"{self.config.ema_decay} per step)")
-        network = _unwrap(self.generator) if self.generator_ema is None else self.generator_ema.network
-        save_model(self.run_dir / MODEL, network, info)
+            note = f", weights averaged (EMA, decay {self.config.ema_decay} per step){note}"
+        save_model(self.run_dir / name, self._model_network(), dataclasses.replace(
+            info, description=info.description + note))
+
+    def _model_network(self) -> torch.nn.Module:
+        """The network a model file holds: the generator, or its moving average with `ema_decay`."""
+        return _unwrap(self.generator) if self.generator_ema is None else self.generator_ema.network
+
+    # --- validation -----------------------------------------------------------------------------------------------
+    def _validation_set(self) -> torch.utils.data.Dataset:
+        try:
+            return self.config.objective_class.validation_set(self.config)
+        except CT2XInputError as error:
+            raise CT2XInputError(f"{error}; --validate-every scores the model on that split: prepare the folder with "
+                                 "a --val-fraction above 0, or train without --validate-every") from None
+
+    def _validate(self, autocast) -> None:
+        """Scores the model file's network on the validation split, one sample at a time, and writes it as
+        BEST_MODEL when its mean error is the lowest yet."""
+        network = self._model_network()
+        training = network.training
+        network.eval()
+        with torch.no_grad(), autocast:
+            errors = [self.objective.validation_error(
+                network, torch.utils.data.default_collate([self.validation_set[index]]), self.device)
+                for index in range(len(self.validation_set))]
+        network.train(training)
+        error = sum(errors) / len(errors)
+        self.validation["latest"] = error
+        if error < self.validation["best"]:
+            self.validation.update(best=error, best_step=self.step)
+            self._save_model(BEST_MODEL, f"; the lowest validation error ({error:.6g}) of those every "
+                                         f"{self.config.validate_every} steps")
 
 
 class _AtEpoch(torch.utils.data.Dataset):
@@ -244,15 +284,21 @@ def _distributed_rank_and_size(device: torch.device):
 
 
 class _CsvLog:
-    """Appends rows to a CSV file, writing the header once (a resumed run keeps appending)."""
+    """Appends rows to a CSV file, writing the header once (a resumed run keeps appending) and every row in the
+    header's column order."""
 
     def __init__(self, path: Path):
         self.path = path
 
     def write(self, row: Dict[str, float]) -> None:
         new = not self.path.exists()
+        if new:
+            columns = list(row)
+        else:
+            with self.path.open(newline="", encoding="utf-8") as file:
+                columns = next(csv.reader(file))
         with self.path.open("a", newline="", encoding="utf-8") as file:
-            writer = csv.DictWriter(file, fieldnames=list(row))
+            writer = csv.DictWriter(file, fieldnames=columns)
             if new:
                 writer.writeheader()
             writer.writerow({key: f"{value:.6g}" if isinstance(value, float) else value for key, value in row.items()})
