@@ -26,7 +26,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -289,16 +289,17 @@ class _CsvLog:
 
     def __init__(self, path: Path):
         self.path = path
+        self.columns: Optional[List[str]] = None  # the header's, read once
 
     def write(self, row: Dict[str, float]) -> None:
         new = not self.path.exists()
         if new:
-            columns = list(row)
-        else:
+            self.columns = list(row)
+        elif self.columns is None:
             with self.path.open(newline="", encoding="utf-8") as file:
-                columns = next(csv.reader(file))
+                self.columns = next(csv.reader(file))
         with self.path.open("a", newline="", encoding="utf-8") as file:
-            writer = csv.DictWriter(file, fieldnames=columns)
+            writer = csv.DictWriter(file, fieldnames=self.columns)
             if new:
                 writer.writeheader()
             writer.writerow({key: f"{value:.6g}" if isinstance(value, float) else value for key, value in row.items()})
