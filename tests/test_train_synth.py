@@ -193,6 +193,17 @@ def test_validation_keeps_the_best_model_and_resumes_alike(prepared_with_val, tm
     assert all(torch.equal(kept[name], resumed_best[name]) for name in kept)
 
 
+def test_a_checkpoint_written_before_validation_existed_resumes(prepared, tmp_path):
+    Trainer(tiny_config(prepared), tmp_path, torch.device("cpu")).run(progress=False, time_limit_s=0)  # 1 step
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    del state["validation"]
+    torch.save(state, tmp_path / "checkpoint.pt")
+    trainer = Trainer(tiny_config(prepared), tmp_path, torch.device("cpu"), resume=True)
+    assert trainer.step == 1 and trainer.validation["best_step"] == 0
+    trainer.run(progress=False)
+    assert trainer.step == 3
+
+
 def test_validation_on_the_command_line_and_without_a_validation_split(prepared, prepared_with_val, tmp_path,
                                                                        capsys):
     common = ["--preset", "scaled", "--width", "0.0625", "--steps", "2", "--batch-size", "2", "--no-lpips", "--quiet",

@@ -193,7 +193,7 @@ class Trainer:
         if state["cuda_rng"]:
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
         self.step = int(state["step"])
-        self.validation = dict(state["validation"])
+        self.validation = dict(state.get("validation", self.validation))  # checkpoints before validation: none
 
     def _save_sample(self, batch: Dict[str, torch.Tensor]) -> None:
         from ct2x.io import save_png
