@@ -374,9 +374,10 @@ def test_workers_give_the_same_image_and_restore_torch_threads(sphere):
 
 @pytest.mark.parametrize("mode", ["sum", "max"])
 def test_skipping_rays_that_miss_a_slab_and_staging_change_nothing(monkeypatch, mode):
-    """Each chunk of slabs samples only the detector rectangle that meets it, from a staged copy, and masks samples
-    past the detector only where a ray of that rectangle ends: the exact same sums (and maxima, zeros read outside
-    the volume included) as sampling every ray at every slab, every chunk masked."""
+    """Each chunk of slabs samples only the detector rectangle that meets it (bounded per slab from the stack's
+    corners), from a staged copy, and masks samples past the detector only where a ray of that rectangle ends: the
+    exact same sums (and maxima, zeros read outside the volume included) as sampling every ray at every slab, every
+    chunk masked."""
     volume = torch.from_numpy(np.random.default_rng(5).standard_normal((2, 2, 30, 34, 38)))  # negative values too
     affine = np.array([[-1.2, 0.1, 0, 20], [0.05, -1.1, 0, 15], [0, 0, 1.6, -30], [0, 0, 0, 1.0]])
     center = affine[:3, :3] @ ((np.array([38, 34, 30]) - 1) / 2) + affine[:3, 3]
@@ -384,20 +385,57 @@ def test_skipping_rays_that_miss_a_slab_and_staging_change_nothing(monkeypatch, 
              CArm(detector=Detector.square(80, 10.0)).view(45, 0, center),  # wide cone: two main axes
              CArm(40, 15, Detector.square(50, 2.0)).view(110, -10, center),  # source inside the volume
              CArm(beam="parallel", detector=Detector.square(40, 1.5)).view(20, 0, center),
+             CArm(detector=Detector.square(40, 0.8)).view(40, 0, center),  # narrow cone: sheared slabs
+             CArm(detector=Detector(30, 44, (2.0, 2.0))).view(150, 30, center),  # mirrored columns
              *(CArm(detector=Detector.square(40, 1.5)).view(0, 0, center + [0, shift, 0]) for shift in (-600, 600))]
+    rng = np.random.default_rng(11)  # and a few anywhere
+    views += [CArm(float(rng.uniform(150, 400)), float(rng.uniform(60, 140)),
+                   Detector(int(rng.integers(8, 40)), int(rng.integers(8, 40)), tuple(rng.uniform(1.0, 8.0, 2))),
+                   beam=beam).view(float(rng.uniform(-180, 180)), float(rng.uniform(-40, 40)), center)
+              for beam in ("cone", "cone", "cone", "parallel")]
     fast = [SliceWarpProjector(volume, affine).project([view], mode) for view in views]
+    assert SliceWarpProjector(volume, affine)._plans(views[4])[0].shear_cols != 0
 
     def every_ray_at_every_slab(starts, steps, n_rows, n_cols, mask):
         everything = np.full(starts[0].shape, 10**9)
         return -everything, everything
 
     monkeypatch.setattr(slicewarp, "_slabs_hitting_stack", every_ray_at_every_slab)
+    monkeypatch.setattr(SliceWarpProjector, "_slabs_meeting_rows_and_cols", lambda *args: None)
     monkeypatch.setattr(SliceWarpProjector, "_staged", lambda self, stack, begin, end: stack[begin:end])
     monkeypatch.setattr(slicewarp, "_chunk_reaches_cut", lambda *args: True)
-    assert fast[-2].abs().max() == 0 and fast[-1].abs().max() == 0  # behind the source; past the detector
+    assert fast[6].abs().max() == 0 and fast[7].abs().max() == 0  # behind the source; past the detector
     for view, image in zip(views, fast):
         torch.testing.assert_close(image, SliceWarpProjector(volume, affine).project([view], mode), rtol=1e-12,
                                    atol=1e-12)
+
+
+@pytest.mark.parametrize("row_bands", [False, True])
+def test_planning_shortcuts_plan_as_every_pixel_would(monkeypatch, row_bands):
+    """A view's plans are the same whether the main axis, the rays' direction and each row's slope range are read
+    from the detector's corners and row ends (as planned) or from every pixel."""
+    volume = torch.zeros(1, 1, 30, 34, 38)
+    affine = np.array([[-1.2, 0.1, 0, 20], [0.05, -1.1, 0, 15], [0, 0, 2.4, -30], [0, 0, 0, 1.0]])
+    center = affine[:3, :3] @ ((np.array([38, 34, 30]) - 1) / 2) + affine[:3, 3]
+    rng = np.random.default_rng(2)
+    views = [CArm(float(rng.uniform(150, 900)), float(rng.uniform(60, 140)),
+                  Detector(int(rng.integers(8, 60)), int(rng.integers(8, 60)), tuple(rng.uniform(0.5, 8.0, 2))),
+                  beam=beam).view(float(rng.uniform(-180, 180)), float(rng.uniform(-40, 40)), center)
+             for beam in ["cone"] * 12 + ["parallel"] * 3]
+    views += [CArm(detector=Detector.square(80, 10.0)).view(45, 0, center), CArm(40, 15).view(110, -10, center)]
+
+    def plans(view):
+        return [(plan.stack_key, plan.rows, plan.cols, None if plan.mask is None else plan.mask.tolist())
+                for plan in SliceWarpProjector(volume, affine, row_bands=row_bands)._plans(view)]
+
+    planned = [plans(view) for view in views]
+    assert any(len(plan) > 1 for plan in planned)  # split detectors among them
+    monkeypatch.setattr(slicewarp, "_dominant_axis", lambda *args: None)
+    monkeypatch.setattr(slicewarp, "_one_sign", lambda *args: False)
+    monkeypatch.setattr(slicewarp, "_row_ranges", lambda values, mask: (
+        np.where(True if mask is None else mask, values, np.inf).min(1),
+        np.where(True if mask is None else mask, values, -np.inf).max(1)))
+    assert planned == [plans(view) for view in views]
 
 
 def test_a_chunk_takes_a_few_slabs_however_few_rays_it_has(sphere, monkeypatch):

@@ -26,7 +26,8 @@ before.
 With `antialias=False` the method is plain Joseph: one bilinear sample per slice per ray.
 
 Each `grid_sample` call covers a chunk of slabs and, of the detector, only the rectangle whose rays meet those slabs
-(at slider geometry about half the rays miss a given slab and would read zeros). On the CPU the chunk is first
+(at slider geometry about half the rays miss a given slab and would read zeros); that rectangle comes from the central
+projection of each slab's four corners onto the detector, not from every pixel. On the CPU the chunk is first
 copied into a reused buffer, which halves the sampling time (`SliceWarpProjector._staged`), and the chunks can be
 shared out to single-threaded workers (`workers`), which keep their speed beside other busy processes where
 torch's intra-op threads do not.
@@ -48,7 +49,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..conventions import spacing_from_affine, voxel_to_world, world_to_voxel
+from ..conventions import spacing_from_affine, voxel_to_world
 from ..errors import CT2XInputError
 from ..geometry import View
 
@@ -226,13 +227,21 @@ class SliceWarpProjector:
 
         Near-axial views use one axis for every ray; oblique views with a wide cone split the detector into regions.
         """
-        pixels_vox, origins_vox, offsets_vox, lengths_mm = self._rays_vox(view)
+        origins_vox, offsets_vox, lengths_mm = self._rays_vox(view)
         pitch_mm = self._detector_pitch_at_volume(view)
-        best_axis = _argmax_of_three(np.abs(offsets_vox) * self._filtered_voxels_per_voxel(pitch_mm)[:, None, None])
-        main_axes = np.flatnonzero(np.bincount(best_axis.ravel(), minlength=3))
+        per_voxel = self._filtered_voxels_per_voxel(pitch_mm)
+        dominant = _dominant_axis(offsets_vox, per_voxel)
+        if dominant is None:
+            best_axis = _argmax_of_three(np.abs(offsets_vox) * per_voxel[:, None, None])
+            main_axes = np.flatnonzero(np.bincount(best_axis.ravel(), minlength=3))
+        else:
+            main_axes = [dominant]
         regions = []  # (main axis, the pixels whose rays cross it in one direction; None = all)
         for main in (int(m) for m in main_axes):
             uses = best_axis == main if len(main_axes) > 1 else None
+            if uses is None and _one_sign(offsets_vox[main]):  # every ray runs one way along `main`
+                regions.append((main, None))
+                continue
             forward = offsets_vox[main] > 0  # (H, W) towards increasing index
             ahead = forward if uses is None else uses & forward
             behind = ~forward if uses is None else uses & ~forward
@@ -246,11 +255,13 @@ class SliceWarpProjector:
             if uses is not None:
                 rows, cols = _span(uses.any(1)), _span(uses.any(0))
                 mask = uses[rows, cols]
+                if mask.all():  # a rectangle of its own (a horizontal view's regions split by columns)
+                    mask = None
             offsets = offsets_vox[:, rows, cols]  # (3, h, w) index steps along each ray
             slope = offsets / offsets[main]  # (3, h, w), never above sqrt(3) in size
             along = offsets[main] / lengths_mm[rows, cols]  # (h, w) main index per mm
-            pixels_main = pixels_vox[main, rows, cols]
             origins = origins_vox if origins_vox.shape[1:] == (1, 1) else origins_vox[:, rows, cols]
+            pixels_main = origins[main] + offsets[main]  # (h, w) main index of each ray's pixel
             row_axis, col_axis = _SLICE_LAYOUT[main][1]
             top = rows.start or 0
             for begin, end, choice in self._row_bands(main, pitch_mm, *_row_ranges(slope[row_axis], mask),
@@ -308,29 +319,37 @@ class SliceWarpProjector:
                 return sheared, pool_rows, pool_cols, shear_rows, shear_cols
         return slab, pool_rows, pool_cols, 0, 0
 
-    def _rays_vox(self, view: View) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _rays_vox(self, view: View) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The view's rays in voxel index space, index axis (i, j, k) first so that numpy runs along whole rows:
-        pixel centres (3, H, W), origins ((3, 1, 1) for a cone beam's source, else (3, H, W)), origin -> pixel
-        offsets (3, H, W) and the rays' lengths to their pixels (H, W) mm.
+        origins ((3, 1, 1) for a cone beam's source, else (3, H, W)), origin -> pixel offsets (3, H, W) and the rays'
+        lengths to their pixels (H, W) mm.
 
         Pixel centres are affine in (row, column), so they are built from the detector's centre and axes mapped to
         voxel index space once, rather than mapping every pixel from RAS.
         """
         rows_mm, cols_mm = view.detector.pixel_offsets_mm()  # (H,), (W,)
-        centre_vox = world_to_voxel(self.affine, view.detector_center_ras[None])[0]  # (3,) ijk
+        centre_vox = self._voxel_of(view.detector_center_ras)  # (3,) ijk
         row_vox = self.voxel_per_mm @ view.row_direction  # (3,) index steps per mm down the rows
         col_vox = self.voxel_per_mm @ view.column_direction
-        pixels_vox = (centre_vox[:, None, None] + row_vox[:, None, None] * rows_mm[:, None]
-                      + col_vox[:, None, None] * cols_mm)  # (3, H, W)
+
+        def pixels_from(origin: np.ndarray) -> np.ndarray:  # (3, H, W) pixel centres - origin, index units
+            return (origin[:, None, None] + row_vox[:, None, None] * rows_mm[:, None]
+                    + col_vox[:, None, None] * cols_mm)
+
         if view.beam == "parallel":
+            pixels_vox = pixels_from(centre_vox)
             offsets_vox = np.broadcast_to(
                 view.source_to_detector_mm * (self.voxel_per_mm @ view.principal_direction)[:, None, None],
                 pixels_vox.shape)
             lengths_mm = np.full(pixels_vox.shape[1:], view.source_to_detector_mm)
-            return pixels_vox, pixels_vox - offsets_vox, offsets_vox, lengths_mm
-        origins_vox = world_to_voxel(self.affine, view.source_ras[None])[0][:, None, None]  # (3, 1, 1)
+            return pixels_vox - offsets_vox, offsets_vox, lengths_mm
+        origins_vox = self._voxel_of(view.source_ras)  # (3,)
         lengths_mm = np.sqrt(view.source_to_detector_mm ** 2 + rows_mm[:, None] ** 2 + cols_mm[None, :] ** 2)
-        return pixels_vox, origins_vox, pixels_vox - origins_vox, lengths_mm
+        return origins_vox[:, None, None], pixels_from(centre_vox - origins_vox), lengths_mm
+
+    def _voxel_of(self, point_ras: np.ndarray) -> np.ndarray:
+        """(3,) RAS mm -> (3,) voxel index (i, j, k), by the projector's inverted affine."""
+        return self.voxel_per_mm @ (point_ras - self.affine[:3, 3])
 
     def _detector_pitch_at_volume(self, view: View) -> float:
         """Detector pixel size (mm) projected back to the volume centre."""
@@ -413,8 +432,7 @@ class SliceWarpProjector:
             starts.append(scale * (at_first_slab + pad - (pool - 1) / 2.0) - 1.0)
             steps.append(scale * slab * slope[axis])
         device, dtype = stack.device, self.volume.dtype
-        start = torch.from_numpy(np.stack(starts, -1)).to(device=device, dtype=dtype)  # (h, w, 2) grid x, y
-        step = torch.from_numpy(np.stack(steps, -1)).to(device=device, dtype=dtype)
+        start, step = _grid_planes(starts, device, dtype), _grid_planes(steps, device, dtype)  # (h, w, 2) x, y
 
         first, last = self._slabs_in_front_of_source(view, main, slab, n_slabs, o_main, along)
         past_detector = self._slabs_past_detector(view, slab, along, plan.pixels_main)
@@ -423,9 +441,11 @@ class SliceWarpProjector:
             cut_rows, cut_cols = _nearest_cuts(*past_detector)  # (h,), (w,)
         # Only the detector rectangle whose rays meet a chunk's slabs is sampled for that chunk: at slider
         # geometry about half the rays of a slab miss it.
-        enter, leave = _slabs_hitting_stack(starts, steps, n_rows, n_cols, plan.mask)  # (h, w) bounds
-        rows_enter, rows_leave = _slab_indices(enter.min(1), leave.max(1))  # (h,) slab range any pixel of a row meets
-        cols_enter, cols_leave = _slab_indices(enter.min(0), leave.max(0))  # (w,)
+        meeting = self._slabs_meeting_rows_and_cols(view, plan, first, last, n_rows, n_cols)
+        if meeting is None:  # from every pixel's bounds instead
+            enter, leave = _slabs_hitting_stack(starts, steps, n_rows, n_cols, plan.mask)  # (h, w) bounds
+            meeting = (*_slab_indices(enter.min(1), leave.max(1)), *_slab_indices(enter.min(0), leave.max(0)))
+        rows_enter, rows_leave, cols_enter, cols_leave = meeting  # (h,) slabs any pixel of a row meets; (w,)
         height, width = start.shape[:2]
         chunk = max(1, min(_SAMPLES_PER_CHUNK // (height * width), _MAX_SLABS_PER_CHUNK))
         empty = 0.0 if mode == "sum" else -math.inf
@@ -465,13 +485,72 @@ class SliceWarpProjector:
             for partial in partials[1:]:  # in group order: the same sums whichever thread made them
                 result = result + partial if mode == "sum" else torch.maximum(result, partial)
             if mode == "max":  # a ray with a sample outside the stack read a zero there; one without samples is zero
-                first_met, last_met = _slab_indices(enter, leave)  # (h, w) each
+                first_met, last_met = _slab_indices(*_slabs_hitting_stack(starts, steps, n_rows, n_cols, plan.mask))
                 read_zero = torch.from_numpy((first_met > first) | (last_met < last - 1) | (last <= first)).to(device)
                 return torch.where(read_zero, result.clamp_min(0.0), result)
             # Ray length per unit of main index: the direction is a unit world vector, so 1 / |d(main)/d(mm)|.
             return result * torch.from_numpy(1.0 / np.abs(along)).to(device, dtype)
 
         return finish
+
+    def _slabs_meeting_rows_and_cols(self, view: View, plan: _RayPlan, first: int, last: int, n_rows: int,
+                                     n_cols: int) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """For each row (h,) and column (w,) of the plan's rectangle, the first and last slab of [first, last) whose
+        stack (n_rows x n_cols in-plane) a ray of it can read, int64 (first > last where none); None where the
+        geometry cannot bound them (a slab's plane reaching behind a cone beam's source).
+
+        The rays that read slab n cross its plane inside the stack's rectangle (one filtered voxel beyond it each
+        way, as `_slabs_hitting_stack`), and the pixels of those rays lie in the rectangle's central projection
+        onto the detector: a quadrilateral, whose four corners bound them. A few numbers per slab, instead of
+        every pixel's bounds.
+        """
+        if last <= first:
+            return None
+        main, slab, pool_rows, pool_cols, shear_rows, shear_cols = plan.stack_key
+        row_axis, col_axis = _SLICE_LAYOUT[main][1]
+        slabs = np.arange(first, last)
+        corners = np.empty((len(slabs), 4, 3))  # (slabs, 4, 3) voxel index (i, j, k) of each rectangle's corners
+        corners[..., main] = slabs[:, None] * slab + (slab - 1) / 2.0  # the plane of the slab's centre
+        for axis, pool, shear, size, picks in ((row_axis, pool_rows, shear_rows, n_rows, [0, 0, 1, 1]),
+                                               (col_axis, pool_cols, shear_cols, n_cols, [0, 1, 0, 1])):
+            # filtered index u of the padded stack reads the volume in (-1, size): index a = p*u - pad + (p-1)/2
+            offset = _shear_pad(slab, shear, pool) - (pool - 1) / 2.0
+            bounds = np.array([-pool - offset - 0.01, pool * size - offset + 0.01])
+            corners[..., axis] = bounds[picks]
+        rows_mm, cols_mm = view.detector.pixel_offsets_mm()
+        centre = self._voxel_of(view.detector_center_ras)  # (3,) ijk
+        row_vox, col_vox = self.voxel_per_mm @ view.row_direction, self.voxel_per_mm @ view.column_direction
+        normal = _cross(row_vox, col_vox)  # of the detector plane, in index space
+        # Each corner P along its ray to the detector plane: from the source s (cone) or along the beam d.
+        if view.beam == "cone":
+            source = self._voxel_of(view.source_ras)
+            depth = (corners - source) @ normal  # (slabs, 4), > 0 in front of the source
+            if np.any(depth * ((centre - source) @ normal) <= 0):
+                return None
+            hits = source + (corners - source) * (((centre - source) @ normal) / depth)[..., None]
+        else:
+            beam = self.voxel_per_mm @ view.principal_direction
+            hits = corners + beam * (((centre - corners) @ normal) / (beam @ normal))[..., None]
+        # in-plane coordinates, mm down the rows and along the columns, by the plane axes' dual basis
+        gram = np.array([[row_vox @ row_vox, row_vox @ col_vox], [row_vox @ col_vox, col_vox @ col_vox]])
+        dual = _inverse_2x2(gram) @ np.stack([row_vox, col_vox])  # (2, 3)
+        at_row_mm, at_col_mm = np.moveaxis((hits - centre) @ dual.T, -1, 0)  # (slabs, 4) each
+        indices = []  # (slabs, 4) continuous pixel index of the corners within the plan's rectangle, rows, columns
+        for at_mm, pixel_mm, span in ((at_row_mm, rows_mm, plan.rows), (at_col_mm, cols_mm, plan.cols)):
+            pitch = pixel_mm[1] - pixel_mm[0] if len(pixel_mm) > 1 else 1.0
+            indices.append((at_mm - pixel_mm[0]) / pitch - (span.start or 0))
+        sizes = [len(range(*span.indices(len(pixel_mm)))) for span, pixel_mm in ((plan.rows, rows_mm),
+                                                                                   (plan.cols, cols_mm))]
+        bounds = []
+        for along, across, across_size, size in ((0, 1, sizes[1], sizes[0]), (1, 0, sizes[0], sizes[1])):
+            # the quadrilateral's extent along rows (columns) over the detector's columns (rows) only
+            low, high = _extent_within_strip(indices[along], indices[across], -0.5, across_size - 0.5)
+            pixels = np.arange(size)
+            meets = (pixels >= np.floor(low - 1e-6)[:, None]) & (pixels <= np.ceil(high + 1e-6)[:, None])  # (slabs, n)
+            hit = meets.any(0)
+            bounds += [np.where(hit, slabs[meets.argmax(0)], last).astype(np.int64),
+                       np.where(hit, slabs[len(slabs) - 1 - meets[::-1].argmax(0)], first - 1).astype(np.int64)]
+        return tuple(bounds)
 
     def _staged(self, stack: torch.Tensor, begin: int, end: int) -> torch.Tensor:
         """stack[begin:end] in the volume's dtype; on the CPU copied into this thread's reused buffer first (not
@@ -757,6 +836,52 @@ def _chunk_reaches_cut(cut_rows: np.ndarray, cut_cols: np.ndarray, begin: int, e
     return min(cut_rows.max(), cut_cols.max()) >= begin
 
 
+def _grid_planes(planes: Sequence[np.ndarray], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Two (h, w) planes (grid x, y) -> one (h, w, 2) tensor, each converted in a single pass."""
+    host_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    grid = torch.empty(planes[0].shape + (2,), dtype=host_dtype)
+    for at, plane in enumerate(planes):
+        grid.numpy()[..., at] = plane
+    return grid.to(device=device, dtype=dtype)
+
+
+def _extent_within_strip(along: np.ndarray, across: np.ndarray, low: float, high: float) -> Tuple[np.ndarray,
+                                                                                                     np.ndarray]:
+    """Per convex quadrilateral, the least and greatest `along` coordinate of its part with `across` in [low, high]
+    (NaN where it misses the strip). Vertices (n, 4) in the order of `_slabs_meeting_rows_and_cols`' corners (low
+    row & low column, low & high, high & low, high & high), so the edges join 0-1, 1-3, 3-2 and 2-0.
+
+    The part is convex; its vertices are the quadrilateral's vertices inside the strip and the points where its edges
+    cross the strip's two lines."""
+    inside = (across >= low) & (across <= high)
+    candidates = [np.where(inside, along, np.nan)]
+    start, end = [0, 1, 3, 2], [1, 3, 2, 0]
+    a0, a1, b0, b1 = along[:, start], along[:, end], across[:, start], across[:, end]
+    for line in (low, high):
+        crosses = (b0 - line) * (b1 - line) <= 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            at = a0 + (line - b0) / (b1 - b0) * (a1 - a0)
+        candidates.append(np.where(crosses & np.isfinite(at), at, np.nan))
+    candidates = np.concatenate(candidates, 1)  # (n, 12)
+    with np.errstate(all="ignore"):
+        missing = np.all(np.isnan(candidates), 1)
+        filled = np.where(np.isnan(candidates), np.inf, candidates)
+        least = np.where(missing, np.nan, filled.min(1))
+        greatest = np.where(missing, np.nan, np.where(np.isnan(candidates), -np.inf, candidates).max(1))
+    return least, greatest
+
+
+def _cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a x b of two (3,) vectors (np.cross costs tens of microseconds on vectors this small)."""
+    return np.array([a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]])
+
+
+def _inverse_2x2(matrix: np.ndarray) -> np.ndarray:
+    """The inverse of an invertible (2, 2) matrix, by its adjugate."""
+    (a, b), (c, d) = matrix
+    return np.array([[d, -b], [-c, a]]) / (a * d - b * c)
+
+
 def _argmax_of_three(values: np.ndarray) -> np.ndarray:
     """np.argmax(values, axis=0) for a first axis of 3 (the first on ties), by two comparisons of whole planes."""
     first, second, third = values
@@ -765,11 +890,35 @@ def _argmax_of_three(values: np.ndarray) -> np.ndarray:
     return best
 
 
+def _dominant_axis(offsets_vox: np.ndarray, per_voxel: np.ndarray) -> Optional[int]:
+    """The index axis along which every ray advances the most filtered voxels (offsets (3, H, W) index steps,
+    `per_voxel` (3,) filtered voxels per voxel), decided from the detector's corners; None when they cannot tell.
+
+    A pixel's offset is affine in its row and column, so over the detector |offset| peaks at a corner and falls
+    below the corners' least only where its sign changes: an axis whose least there beats every other axis's peak
+    wins at every pixel."""
+    corners = offsets_vox[:, [0, 0, -1, -1], [0, -1, 0, -1]] * per_voxel[:, None]  # (3, 4)
+    peak = np.abs(corners).max(1)
+    least = np.where(np.all(corners > 0, 1) | np.all(corners < 0, 1), np.abs(corners).min(1), 0.0)
+    winners = [axis for axis in range(3) if least[axis] > max(peak[other] for other in range(3) if other != axis)]
+    return winners[0] if winners else None
+
+
+def _one_sign(values: np.ndarray) -> bool:
+    """Whether a plane affine in row and column (H, W) is non-zero with one sign everywhere: at its corners."""
+    corners = values[[0, 0, -1, -1], [0, -1, 0, -1]]
+    return bool(np.all(corners > 0) or np.all(corners < 0))
+
+
 def _row_ranges(values: np.ndarray, mask: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
     """min and max of `values` (h, w) per row over the pixels where `mask` is True (all pixels when it is None),
-    (h,) each; inf and -inf in a row without such pixels."""
+    (h,) each; inf and -inf in a row without such pixels.
+
+    Without a mask the values are a ray slope, a ratio of two functions affine in the column whose denominator
+    keeps its sign over the region: monotonic along a row, so its ends hold the extremes."""
     if mask is None:
-        return values.min(1), values.max(1)
+        ends = values[:, [0, -1]]
+        return ends.min(1), ends.max(1)
     return np.where(mask, values, np.inf).min(1), np.where(mask, values, -np.inf).max(1)
 
 
