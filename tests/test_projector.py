@@ -401,7 +401,7 @@ def test_skipping_rays_that_miss_a_slab_and_staging_change_nothing(monkeypatch, 
         return -everything, everything
 
     monkeypatch.setattr(slicewarp, "_slabs_hitting_stack", every_ray_at_every_slab)
-    monkeypatch.setattr(SliceWarpProjector, "_slabs_meeting_rows_and_cols", lambda *args: None)
+    monkeypatch.setattr(SliceWarpProjector, "_slab_windows", lambda *args: None)
     monkeypatch.setattr(SliceWarpProjector, "_staged", lambda self, stack, begin, end: stack[begin:end])
     monkeypatch.setattr(slicewarp, "_chunk_reaches_cut", lambda *args: True)
     assert fast[6].abs().max() == 0 and fast[7].abs().max() == 0  # behind the source; past the detector

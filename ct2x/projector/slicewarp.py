@@ -59,8 +59,8 @@ MODES = ("sum", "max")
 # which index axes they are. grid_sample's x runs along columns, y along rows.
 _SLICE_LAYOUT = {0: ((2, 3), (2, 1)), 1: ((2, 4), (2, 0)), 2: ((3, 4), (1, 0))}
 _MAIN_DIM = {0: 4, 1: 3, 2: 2}
-# Grid points per grid_sample call (4 slabs at 256^2): few slabs keep the detector rectangle per chunk tight, enough
-# points keep the per-call overhead small.
+# Grid points per grid_sample call (4 slabs at 256^2 where every ray meets every slab, more where fewer do): few slabs
+# keep the detector rectangle per chunk tight, enough points keep the per-call overhead small.
 _SAMPLES_PER_CHUNK = 1 << 18
 # ... and at most this many slabs: a region of a few detector columns (an oblique view's second main axis) would
 # otherwise take its whole stack in one chunk, whose staging copy no cache holds (15 and 75 deg slider views 35-43 ->
@@ -441,24 +441,17 @@ class SliceWarpProjector:
             cut_rows, cut_cols = _nearest_cuts(*past_detector)  # (h,), (w,)
         # Only the detector rectangle whose rays meet a chunk's slabs is sampled for that chunk: at slider
         # geometry about half the rays of a slab miss it.
-        meeting = self._slabs_meeting_rows_and_cols(view, plan, first, last, n_rows, n_cols)
-        if meeting is None:  # from every pixel's bounds instead
-            enter, leave = _slabs_hitting_stack(starts, steps, n_rows, n_cols, plan.mask)  # (h, w) bounds
-            meeting = (*_slab_indices(enter.min(1), leave.max(1)), *_slab_indices(enter.min(0), leave.max(0)))
-        rows_enter, rows_leave, cols_enter, cols_leave = meeting  # (h,) slabs any pixel of a row meets; (w,)
+        windows = self._slab_windows(view, plan, first, last, n_rows, n_cols)
+        if windows is None:  # from every pixel's bounds instead
+            windows = _windows_from_pixels(first, last, *_slabs_hitting_stack(starts, steps, n_rows, n_cols, plan.mask))
+        chunks = _chunks_of_slabs(first, *windows)  # [(begin, end, rows, cols)]
         height, width = start.shape[:2]
-        chunk = max(1, min(_SAMPLES_PER_CHUNK // (height * width), _MAX_SLABS_PER_CHUNK))
         empty = 0.0 if mode == "sum" else -math.inf
 
         def project_chunks(group: int) -> torch.Tensor:
             """(B*C, h, w) sum or maximum over the chunks of one group: every _GROUPS-th chunk from the group's."""
             partial = torch.full((stack.shape[1], height, width), empty, device=device, dtype=dtype)
-            for begin in range(first + group * chunk, last, _GROUPS * chunk):
-                end = min(begin + chunk, last)
-                rows = _span((rows_enter < end) & (rows_leave >= begin))
-                cols = _span((cols_enter < end) & (cols_leave >= begin))
-                if rows is None or cols is None:
-                    continue
+            for begin, end, rows, cols in chunks[group::_GROUPS]:
                 index = torch.arange(begin, end, device=device, dtype=dtype).view(-1, 1, 1, 1)
                 grid = torch.addcmul(start[rows, cols], index, step[rows, cols])  # (n, h', w', 2)
                 if past_detector is not None and _chunk_reaches_cut(cut_rows[rows], cut_cols[cols], begin, end,
@@ -493,10 +486,10 @@ class SliceWarpProjector:
 
         return finish
 
-    def _slabs_meeting_rows_and_cols(self, view: View, plan: _RayPlan, first: int, last: int, n_rows: int,
-                                     n_cols: int) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-        """For each row (h,) and column (w,) of the plan's rectangle, the first and last slab of [first, last) whose
-        stack (n_rows x n_cols in-plane) a ray of it can read, int64 (first > last where none); None where the
+    def _slab_windows(self, view: View, plan: _RayPlan, first: int, last: int, n_rows: int,
+                      n_cols: int) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """For each slab of [first, last), the first and last row and column of the plan's rectangle whose rays can
+        read its stack (n_rows x n_cols in-plane): four (slabs,) int64 arrays, low > high where none; None where the
         geometry cannot bound them (a slab's plane reaching behind a cone beam's source).
 
         The rays that read slab n cross its plane inside the stack's rectangle (one filtered voxel beyond it each
@@ -541,16 +534,15 @@ class SliceWarpProjector:
             indices.append((at_mm - pixel_mm[0]) / pitch - (span.start or 0))
         sizes = [len(range(*span.indices(len(pixel_mm)))) for span, pixel_mm in ((plan.rows, rows_mm),
                                                                                    (plan.cols, cols_mm))]
-        bounds = []
+        windows = []
         for along, across, across_size, size in ((0, 1, sizes[1], sizes[0]), (1, 0, sizes[0], sizes[1])):
             # the quadrilateral's extent along rows (columns) over the detector's columns (rows) only
             low, high = _extent_within_strip(indices[along], indices[across], -0.5, across_size - 0.5)
-            pixels = np.arange(size)
-            meets = (pixels >= np.floor(low - 1e-6)[:, None]) & (pixels <= np.ceil(high + 1e-6)[:, None])  # (slabs, n)
-            hit = meets.any(0)
-            bounds += [np.where(hit, slabs[meets.argmax(0)], last).astype(np.int64),
-                       np.where(hit, slabs[len(slabs) - 1 - meets[::-1].argmax(0)], first - 1).astype(np.int64)]
-        return tuple(bounds)
+            missed = np.isnan(low)  # empty windows: low = size, high = -1
+            low = np.clip(np.floor(np.nan_to_num(low) - 1e-6), 0, size)
+            high = np.clip(np.ceil(np.nan_to_num(high) + 1e-6), -1, size - 1)
+            windows += [np.where(missed, size, low).astype(np.int64), np.where(missed, -1, high).astype(np.int64)]
+        return tuple(windows)
 
     def _staged(self, stack: torch.Tensor, begin: int, end: int) -> torch.Tensor:
         """stack[begin:end] in the volume's dtype; on the CPU copied into this thread's reused buffer first (not
@@ -788,6 +780,47 @@ def single_threaded_ops(enabled: bool = True) -> Iterator[None]:
             torch.set_num_threads(previous)
 
 
+def _chunks_of_slabs(first: int, row_low: np.ndarray, row_high: np.ndarray, col_low: np.ndarray,
+                     col_high: np.ndarray) -> List[Tuple[int, int, slice, slice]]:
+    """Slabs first, first + 1, ... in runs of neighbours, one `grid_sample` call each: (begin, end, rows, cols), the
+    detector rectangle whose rays meet slabs begin..end-1, from each slab's window (`_slab_windows`). A run grows
+    while its slabs times its rectangle stay within _SAMPLES_PER_CHUNK samples and _MAX_SLABS_PER_CHUNK slabs, so
+    slabs that few rays meet share a call; slabs that no ray meets are left out."""
+    hit = ((row_low <= row_high) & (col_low <= col_high)).tolist()
+    row_low, row_high, col_low, col_high = (bound.tolist() for bound in (row_low, row_high, col_low, col_high))
+    chunks, at = [], 0
+    while at < len(hit):
+        if not hit[at]:
+            at += 1
+            continue
+        top, bottom, left, right = row_low[at], row_high[at], col_low[at], col_high[at]
+        end = at + 1
+        while end < len(hit) and end - at < _MAX_SLABS_PER_CHUNK:
+            grown = ((min(top, row_low[end]), max(bottom, row_high[end]), min(left, col_low[end]),
+                      max(right, col_high[end])) if hit[end] else (top, bottom, left, right))
+            if (end + 1 - at) * (grown[1] + 1 - grown[0]) * (grown[3] + 1 - grown[2]) > _SAMPLES_PER_CHUNK:
+                break
+            (top, bottom, left, right), end = grown, end + 1
+        chunks.append((first + at, first + end, slice(top, bottom + 1), slice(left, right + 1)))
+        at = end
+    return chunks
+
+
+def _windows_from_pixels(first: int, last: int, enter: np.ndarray,
+                         leave: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`_slab_windows` from every pixel's bounds (`_slabs_hitting_stack`'s (h, w) enter and leave): a row (column)
+    takes part in slab n where n lies between the first and last slab that any pixel of it meets."""
+    numbers = np.arange(first, last)[:, None]  # (slabs, 1)
+    windows = []
+    for axis in (1, 0):  # rows: reduced over the columns; columns: over the rows
+        row_enter, row_leave = _slab_indices(enter.min(axis), leave.max(axis))
+        meets = (row_enter <= numbers) & (row_leave >= numbers)  # (slabs, n)
+        any_met = meets.any(1)
+        windows += [np.where(any_met, meets.argmax(1), meets.shape[1]),
+                    np.where(any_met, meets.shape[1] - 1 - meets[:, ::-1].argmax(1), -1)]
+    return tuple(windows)
+
+
 def _slabs_hitting_stack(starts: Sequence[np.ndarray], steps: Sequence[np.ndarray], n_rows: int, n_cols: int,
                          mask: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
     """Per pixel, the slab coordinates (h, w) between which its bilinear sample can be non-zero; `_slab_indices` turns
@@ -848,7 +881,7 @@ def _grid_planes(planes: Sequence[np.ndarray], device: torch.device, dtype: torc
 def _extent_within_strip(along: np.ndarray, across: np.ndarray, low: float, high: float) -> Tuple[np.ndarray,
                                                                                                      np.ndarray]:
     """Per convex quadrilateral, the least and greatest `along` coordinate of its part with `across` in [low, high]
-    (NaN where it misses the strip). Vertices (n, 4) in the order of `_slabs_meeting_rows_and_cols`' corners (low
+    (NaN where it misses the strip). Vertices (n, 4) in the order of `SliceWarpProjector._slab_windows`' corners (low
     row & low column, low & high, high & low, high & high), so the edges join 0-1, 1-3, 3-2 and 2-0.
 
     The part is convex; its vertices are the quadrilateral's vertices inside the strip and the points where its edges
