@@ -438,6 +438,30 @@ def test_planning_shortcuts_plan_as_every_pixel_would(monkeypatch, row_bands):
     assert planned == [plans(view) for view in views]
 
 
+@pytest.mark.parametrize("primary", [30, 60])
+def test_a_wide_cone_oblique_takes_a_whole_voxel_shear_where_it_lengthens_the_slab(monkeypatch, primary):
+    """Where a shear to the rays' middle slope would not double the slab, a shear by whole voxels per slice (no
+    interpolation of the slices) is taken if it lengthens the slab: fewer samples, and nearer the dense reference."""
+    values, affine = phantoms.sphere((64, 64, 64), 1.5, 40.0)
+    noise = torch.from_numpy(np.random.default_rng(0).random((1, 1, 64, 64, 64)))
+    volume = torch.nn.functional.avg_pool3d(torch.from_numpy(values)[None, None] * noise, 3, 1, 1)
+    view = CArm(detector=Detector.square(48, 6.0)).view(primary, 0)  # filter factor 2: a voxel is 4 SHEAR_STEPs
+    exact = reference_projection(volume[0], affine, view, 0.5)[0]
+
+    def plan_and_error():
+        projector = SliceWarpProjector(volume, affine)
+        image = projector.project([view])[0, 0, 0]
+        return projector._plans(view)[0], float(torch.norm(image - exact) / torch.norm(exact))
+
+    whole, whole_error = plan_and_error()
+    monkeypatch.setattr(slicewarp, "_whole_voxel_shear_and_drift", lambda low, high, pool: (
+        0, max(abs(low), abs(high)) / pool))
+    straight, straight_error = plan_and_error()
+    assert whole.pool_cols == 2 and whole.shear_cols == 4 and straight.shear_cols == 0
+    assert whole.slab > straight.slab
+    assert whole_error < straight_error
+
+
 def test_a_chunk_takes_a_few_slabs_however_few_rays_it_has(sphere, monkeypatch):
     """A region of a few pixels would fit its whole stack in one chunk of samples, whose staged copy no cache holds:
     chunks stop at `_MAX_SLABS_PER_CHUNK` slabs."""

@@ -317,6 +317,14 @@ class SliceWarpProjector:
             sheared = int(self._slab_length(max(drift_rows, drift_cols), main))
             if sheared >= 2 * slab:
                 return sheared, pool_rows, pool_cols, shear_rows, shear_cols
+            # Else a shear by whole voxels per slice, which moves slices without interpolating them (by half
+            # voxels in slabs of even length), wherever it lengthens the slab at all: a wide cone's obliques
+            # (bench/RESULTS.md, twelfth stop).
+            shear_rows, drift_rows = _whole_voxel_shear_and_drift(*row_slopes, pool_rows)
+            shear_cols, drift_cols = _whole_voxel_shear_and_drift(*col_slopes, pool_cols)
+            sheared = int(self._slab_length(max(drift_rows, drift_cols), main))
+            if sheared > slab:
+                return sheared, pool_rows, pool_cols, shear_rows, shear_cols
         return slab, pool_rows, pool_cols, 0, 0
 
     def _rays_vox(self, view: View) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -983,6 +991,16 @@ def _shear_and_drift(low: float, high: float, pool: int) -> Tuple[int, float]:
     low, high = low / pool, high / pool  # filtered voxels per slice
     shear = int(round((low + high) / 2.0 / SHEAR_STEP))
     return shear, max(high - shear * SHEAR_STEP, shear * SHEAR_STEP - low)
+
+
+def _whole_voxel_shear_and_drift(low: float, high: float, pool: int) -> Tuple[int, float]:
+    """`_shear_and_drift` for a shear of whole voxels per slice (in SHEAR_STEPs) nearest the middle of the slopes;
+    no shear where the filter factor makes a whole voxel a fraction of SHEAR_STEPs."""
+    steps_per_voxel = 1.0 / (SHEAR_STEP * pool)
+    if abs(steps_per_voxel - round(steps_per_voxel)) > 1e-9:
+        return 0, max(abs(low), abs(high)) / pool
+    voxels = round((low + high) / 2.0)
+    return int(voxels * round(steps_per_voxel)), max(high - voxels, voxels - low) / pool
 
 
 def _slices_first(volume: torch.Tensor, main_dim: int) -> torch.Tensor:
