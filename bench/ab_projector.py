@@ -26,6 +26,7 @@ from typing import Callable, Dict, List
 import numpy as np
 import torch
 
+from ct2x.drr import RENDER_SLAB_LENGTHS
 from ct2x.projector import slicewarp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -69,6 +70,9 @@ def main() -> None:
     parser.add_argument("--cases", default="chest512-*-256-*", help="comma-separated patterns of bench_projector's")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, and the projectors' workers")
     parser.add_argument("--rounds", type=int, default=16, help="renders of each projector per case, alternating")
+    parser.add_argument("--renderer", action="store_true",
+                        help="the CT2XSynth renderer's projector settings (`ct2x.drr.DRRRenderer`): two channels, "
+                             "straight slabs of its lengths, bands of rows, float16 stacks")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -83,7 +87,13 @@ def main() -> None:
         affine = np.load(args.work_dir / volume_name / "affine.npy")
         view = make_view(mu, affine, view_name, size, detector)
         volume = torch.from_numpy(mu)[None, None]
-        projectors = {name: engine(volume, affine, workers=args.threads) for name, engine in engines.items()}
+        settings = {}
+        if args.renderer:
+            volume = volume.expand(1, 2, *mu.shape).contiguous()  # the renderer's soft-tissue and bone channels
+            settings = dict(shear=False, merge_slabs=True, row_bands=True, slab_lengths=RENDER_SLAB_LENGTHS,
+                            stack_dtype=torch.float16)
+        projectors = {name: engine(volume, affine, workers=args.threads, **settings)
+                      for name, engine in engines.items()}
         times: Dict[str, List[float]] = {name: [] for name in projectors}
         setups: Dict[str, List[float]] = {name: [] for name in projectors}
         images = {}
@@ -97,7 +107,7 @@ def main() -> None:
                     images[name] = projector.project([view])
                     times[name].append(time.perf_counter() - start)
             del projectors  # the set-up alone: projectors without workers, whose regions start nothing
-            planners = {name: engine(volume, affine) for name, engine in engines.items()}
+            planners = {name: engine(volume, affine, **settings) for name, engine in engines.items()}
             for planner in planners.values():
                 planner.prepare([view])
             with slicewarp.single_threaded_ops():
@@ -121,7 +131,8 @@ def main() -> None:
     print(f"Machine: {facts['cpu']}, {facts['cores']} cores (flags: {flags}), "
           f"Python {facts['python']}, torch {facts['torch']}, {args.threads} threads and workers; load average "
           f"{load_before or 0:.2f} -> {load_average() or 0:.2f}, foreign CPU {foreign} over the run. Base: "
-          f"{args.base}; {args.rounds} alternating rounds per case, medians.\n")
+          f"{args.base}; {args.rounds} alternating rounds per case, medians"
+          f"{'; the renderer projector settings' if args.renderer else ''}.\n")
     print("| case | base ms | working tree ms | base / working tree | the same, fastest rounds | set-up ms, base "
           "(1 thread) | set-up ms, working tree | largest image difference / largest value |")
     print("|---|---|---|---|---|---|---|---|")

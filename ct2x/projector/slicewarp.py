@@ -60,8 +60,9 @@ MODES = ("sum", "max")
 # which index axes they are. grid_sample's x runs along columns, y along rows.
 _SLICE_LAYOUT = {0: ((2, 3), (2, 1)), 1: ((2, 4), (2, 0)), 2: ((3, 4), (1, 0))}
 _MAIN_DIM = {0: 4, 1: 3, 2: 2}
-# Grid points per grid_sample call (4 slabs at 256^2 where every ray meets every slab, more where fewer do): few slabs
-# keep the detector rectangle per chunk tight, enough points keep the per-call overhead small.
+# Grid points per grid_sample call (4 slabs at 256^2): few slabs keep the detector rectangle per chunk tight, enough
+# points keep the per-call overhead small. Counted over the region's whole rectangle: a call takes whole slab planes
+# (`_staged`), so more slabs where fewer rays meet them overflow the cache (bench/RESULTS.md, twelfth stop).
 _SAMPLES_PER_CHUNK = 1 << 18
 # ... and at most this many slabs: a region of a few detector columns (an oblique view's second main axis) would
 # otherwise take its whole stack in one chunk, whose staging copy no cache holds (15 and 75 deg slider views 35-43 ->
@@ -453,14 +454,17 @@ class SliceWarpProjector:
         windows = self._slab_windows(view, plan, first, last, n_rows, n_cols)
         if windows is None:  # from every pixel's bounds instead
             windows = _windows_from_pixels(first, last, *_slabs_hitting_stack(starts, steps, n_rows, n_cols, plan.mask))
-        chunks = _chunks_of_slabs(first, *windows)  # [(begin, end, rows, cols)]
         height, width = start.shape[:2]
+        chunk = max(1, min(_SAMPLES_PER_CHUNK // (height * width), _MAX_SLABS_PER_CHUNK))
+        chunks = _chunks_of_slabs(first, chunk, *windows)  # [(begin, end, rows, cols)]
         empty = 0.0 if mode == "sum" else -math.inf
 
         def project_chunks(group: int) -> torch.Tensor:
             """(B*C, h, w) sum or maximum over the chunks of one group: every _GROUPS-th chunk from the group's."""
             partial = torch.full((stack.shape[1], height, width), empty, device=device, dtype=dtype)
             for begin, end, rows, cols in chunks[group::_GROUPS]:
+                if rows is None:  # no ray meets these slabs
+                    continue
                 index = torch.arange(begin, end, device=device, dtype=dtype).view(-1, 1, 1, 1)
                 grid = torch.addcmul(start[rows, cols], index, step[rows, cols])  # (n, h', w', 2)
                 if past_detector is not None and _chunk_reaches_cut(cut_rows[rows], cut_cols[cols], begin, end,
@@ -789,29 +793,20 @@ def single_threaded_ops(enabled: bool = True) -> Iterator[None]:
             torch.set_num_threads(previous)
 
 
-def _chunks_of_slabs(first: int, row_low: np.ndarray, row_high: np.ndarray, col_low: np.ndarray,
-                     col_high: np.ndarray) -> List[Tuple[int, int, slice, slice]]:
-    """Slabs first, first + 1, ... in runs of neighbours, one `grid_sample` call each: (begin, end, rows, cols), the
-    detector rectangle whose rays meet slabs begin..end-1, from each slab's window (`_slab_windows`). A run grows
-    while its slabs times its rectangle stay within _SAMPLES_PER_CHUNK samples and _MAX_SLABS_PER_CHUNK slabs, so
-    slabs that few rays meet share a call; slabs that no ray meets are left out."""
-    hit = ((row_low <= row_high) & (col_low <= col_high)).tolist()
-    row_low, row_high, col_low, col_high = (bound.tolist() for bound in (row_low, row_high, col_low, col_high))
-    chunks, at = [], 0
-    while at < len(hit):
-        if not hit[at]:
-            at += 1
-            continue
-        top, bottom, left, right = row_low[at], row_high[at], col_low[at], col_high[at]
-        end = at + 1
-        while end < len(hit) and end - at < _MAX_SLABS_PER_CHUNK:
-            grown = ((min(top, row_low[end]), max(bottom, row_high[end]), min(left, col_low[end]),
-                      max(right, col_high[end])) if hit[end] else (top, bottom, left, right))
-            if (end + 1 - at) * (grown[1] + 1 - grown[0]) * (grown[3] + 1 - grown[2]) > _SAMPLES_PER_CHUNK:
-                break
-            (top, bottom, left, right), end = grown, end + 1
-        chunks.append((first + at, first + end, slice(top, bottom + 1), slice(left, right + 1)))
-        at = end
+def _chunks_of_slabs(first: int, chunk: int, row_low: np.ndarray, row_high: np.ndarray, col_low: np.ndarray,
+                     col_high: np.ndarray) -> List[Tuple[int, int, Optional[slice], Optional[slice]]]:
+    """Slabs first, first + 1, ... in runs of `chunk`, one `grid_sample` call each: (begin, end, rows, cols), the
+    detector rectangle whose rays meet slabs begin..end-1, from each slab's window (`_slab_windows`); rows and cols
+    None where no ray meets them."""
+    chunks = []
+    for at in range(0, len(row_low), chunk):
+        window = slice(at, at + chunk)
+        met = (row_low[window] <= row_high[window]) & (col_low[window] <= col_high[window])
+        rows = cols = None
+        if met.any():
+            rows = slice(int(row_low[window][met].min()), int(row_high[window][met].max()) + 1)
+            cols = slice(int(col_low[window][met].min()), int(col_high[window][met].max()) + 1)
+        chunks.append((first + at, first + min(at + chunk, len(row_low)), rows, cols))
     return chunks
 
 
