@@ -338,9 +338,7 @@ class SliceWarpProjector:
         voxel index space once, rather than mapping every pixel from RAS.
         """
         rows_mm, cols_mm = view.detector.pixel_offsets_mm()  # (H,), (W,)
-        centre_vox = self._voxel_of(view.detector_center_ras)  # (3,) ijk
-        row_vox = self.voxel_per_mm @ view.row_direction  # (3,) index steps per mm down the rows
-        col_vox = self.voxel_per_mm @ view.column_direction
+        centre_vox, row_vox, col_vox = self._detector_vox(view)
 
         def pixels_from(origin: np.ndarray) -> np.ndarray:  # (3, H, W) pixel centres - origin, index units
             return (origin[:, None, None] + row_vox[:, None, None] * rows_mm[:, None]
@@ -356,6 +354,12 @@ class SliceWarpProjector:
         origins_vox = self._voxel_of(view.source_ras)  # (3,)
         lengths_mm = np.sqrt(view.source_to_detector_mm ** 2 + rows_mm[:, None] ** 2 + cols_mm[None, :] ** 2)
         return origins_vox[:, None, None], pixels_from(centre_vox - origins_vox), lengths_mm
+
+    def _detector_vox(self, view: View) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The detector's centre (3,) in voxel index (i, j, k) and its row and column directions (3,) each, in index
+        steps per mm down the rows and along the columns."""
+        return (self._voxel_of(view.detector_center_ras), self.voxel_per_mm @ view.row_direction,
+                self.voxel_per_mm @ view.column_direction)
 
     def _voxel_of(self, point_ras: np.ndarray) -> np.ndarray:
         """(3,) RAS mm -> (3,) voxel index (i, j, k), by the projector's inverted affine."""
@@ -524,8 +528,7 @@ class SliceWarpProjector:
             bounds = np.array([-pool - offset - 0.01, pool * size - offset + 0.01])
             corners[..., axis] = bounds[picks]
         rows_mm, cols_mm = view.detector.pixel_offsets_mm()
-        centre = self._voxel_of(view.detector_center_ras)  # (3,) ijk
-        row_vox, col_vox = self.voxel_per_mm @ view.row_direction, self.voxel_per_mm @ view.column_direction
+        centre, row_vox, col_vox = self._detector_vox(view)
         normal = _cross(row_vox, col_vox)  # of the detector plane, in index space
         # Each corner P along its ray to the detector plane: from the source s (cone) or along the beam d.
         if view.beam == "cone":
@@ -545,8 +548,7 @@ class SliceWarpProjector:
         for at_mm, pixel_mm, span in ((at_row_mm, rows_mm, plan.rows), (at_col_mm, cols_mm, plan.cols)):
             pitch = pixel_mm[1] - pixel_mm[0] if len(pixel_mm) > 1 else 1.0
             indices.append((at_mm - pixel_mm[0]) / pitch - (span.start or 0))
-        sizes = [len(range(*span.indices(len(pixel_mm)))) for span, pixel_mm in ((plan.rows, rows_mm),
-                                                                                   (plan.cols, cols_mm))]
+        sizes = plan.pixels_main.shape  # (h, w) of the plan's rectangle
         windows = []
         for along, across, across_size, size in ((0, 1, sizes[1], sizes[0]), (1, 0, sizes[0], sizes[1])):
             # the quadrilateral's extent along rows (columns) over the detector's columns (rows) only
