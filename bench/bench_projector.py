@@ -156,8 +156,11 @@ class OursRenderer(Renderer):
             self.prep_seconds.append(time.perf_counter() - start)
 
     def render(self) -> np.ndarray:
+        # float64 by numpy, not torch: a torch op here, outside the projector, would run on torch's OpenMP threads,
+        # which then spin for milliseconds and take the cores from the workers of the next render (the fitted AP
+        # view's median 10.4 -> 6.6 ms; bench/RESULTS.md, thirteenth stop).
         with torch.no_grad():
-            return self.projector.project([self.view])[0, 0, 0].double().numpy()
+            return self.projector.project([self.view])[0, 0, 0].numpy().astype(np.float64)
 
 
 def run_worker(args: argparse.Namespace) -> None:

@@ -438,6 +438,25 @@ def test_planning_shortcuts_plan_as_every_pixel_would(monkeypatch, row_bands):
     assert planned == [plans(view) for view in views]
 
 
+def test_chunks_cover_exactly_the_windows_of_their_slabs():
+    """Each chunk of slabs samples the smallest rectangle holding the windows of its slabs that rays meet (empty
+    windows, low > high, left out), or nothing where no ray meets any of them."""
+    rng = np.random.default_rng(4)
+    for _ in range(300):
+        slabs, size = int(rng.integers(0, 30)), 40
+        low, high = rng.integers(-1, size + 1, (2, 2, slabs))  # (rows/columns, slabs)
+        empty = rng.random(slabs) < 0.3
+        low[:, empty], high[:, empty] = size, -1
+        first, chunk = int(rng.integers(0, 5)), int(rng.integers(1, 7))
+        expected = []
+        for at in range(0, slabs, chunk):
+            met = [n for n in range(at, min(at + chunk, slabs)) if all(low[:, n] <= high[:, n])]
+            rows, cols = ((slice(min(low[axis, met]), max(high[axis, met]) + 1) for axis in (0, 1)) if met
+                          else (None, None))
+            expected.append((first + at, first + min(at + chunk, slabs), rows, cols))
+        assert slicewarp._chunks_of_slabs(first, chunk, low[0], high[0], low[1], high[1]) == expected
+
+
 @pytest.mark.parametrize("primary", [30, 60])
 def test_a_wide_cone_oblique_takes_a_whole_voxel_shear_where_it_lengthens_the_slab(monkeypatch, primary):
     """Where a shear to the rays' middle slope would not double the slab, a shear by whole voxels per slice (no

@@ -117,7 +117,10 @@ class SliceWarpProjector:
     instead of by torch's intra-op threads. Those meet at a barrier after every op and spin there; when another
     process holds a core, a waiting thread loses its time slice at every op and a 40 ms view takes seconds. Workers
     meet once per region, and one whose core is free takes more of the groups. The image is the same for any number
-    of workers.
+    of workers. The same spinning comes from the caller's own torch ops between calls: one op on torch's threads
+    (a `.double()` of the film) leaves them spinning for milliseconds into the next call, beside the workers; keep
+    such ops in `single_threaded_ops` (as `ct2x.drr.DRRRenderer` does) or in numpy (bench/RESULTS.md, thirteenth
+    stop: 10.4 -> 6.6 ms per view).
 
     `stack_dtype=torch.float16` keeps the cached stacks in half the memory (CPU): each chunk is converted back to
     the volume's dtype as it is staged, so sampling and sums stay in float32; the stacks' rounding (2^-11 relative)
@@ -260,7 +263,10 @@ class SliceWarpProjector:
                 if mask.all():  # a rectangle of its own (a horizontal view's regions split by columns)
                     mask = None
             offsets = offsets_vox[:, rows, cols]  # (3, h, w) index steps along each ray
-            slope = offsets / offsets[main]  # (3, h, w), never above sqrt(3) in size
+            slope = np.empty(offsets.shape)  # (3, h, w), never above sqrt(3) in size
+            slope[main] = 1.0
+            for axis in _SLICE_LAYOUT[main][1]:
+                np.divide(offsets[axis], offsets[main], out=slope[axis])
             along = offsets[main] / lengths_mm[rows, cols]  # (h, w) main index per mm
             origins = origins_vox if origins_vox.shape[1:] == (1, 1) else origins_vox[:, rows, cols]
             pixels_main = origins[main] + offsets[main]  # (h, w) main index of each ray's pixel
@@ -432,21 +438,13 @@ class SliceWarpProjector:
         row_axis, col_axis = _SLICE_LAYOUT[main][1]
         n_slabs, _, n_rows, n_cols = stack.shape
 
-        # Slab n is centred on original main index t_n = slab*n + (slab-1)/2. Along a ray an index axis a is at
-        # a(t) = o_a + (t - o_m) * slope_a; a stack padded by `pad` and box-filtered by p maps index a to
-        # (a + pad - (p-1)/2) / p; grid_sample's align_corners coordinates map index x of an n-long axis to
-        # 2x/(n-1) - 1. All affine in n: grid(n) = start + n * step.
         o_main = origins_vox[main]  # (h, w), or (1, 1) for a cone beam
-        starts, steps = [], []
-        for axis, pool, shear, size in ((col_axis, pool_cols, shear_cols, n_cols),
-                                        (row_axis, pool_rows, shear_rows, n_rows)):
-            scale = 2.0 / (pool * max(size - 1, 1))
-            pad = _shear_pad(slab, shear, pool)
-            at_first_slab = origins_vox[axis] + ((slab - 1) / 2.0 - o_main) * slope[axis]
-            starts.append(scale * (at_first_slab + pad - (pool - 1) / 2.0) - 1.0)
-            steps.append(scale * slab * slope[axis])
         device, dtype = stack.device, self.volume.dtype
-        start, step = _grid_planes(starts, device, dtype), _grid_planes(steps, device, dtype)  # (h, w, 2) x, y
+        pool = self._worker_pool(device)
+        planes = _grid_planes(origins_vox, slope, main, slab, ((col_axis, pool_cols, shear_cols, n_cols),
+                                                               (row_axis, pool_rows, shear_rows, n_rows)), dtype)
+        start, step = (plane.to(device=device, dtype=dtype) for plane in planes)  # (h, w, 2) x, y
+        starts, steps = (np.moveaxis(plane.numpy(), -1, 0) for plane in planes)  # (2, h, w) x, y
 
         first, last = self._slabs_in_front_of_source(view, main, slab, n_slabs, o_main, along)
         past_detector = self._slabs_past_detector(view, slab, along, plan.pixels_main)
@@ -485,8 +483,10 @@ class SliceWarpProjector:
                     target.copy_(torch.maximum(target, samples.amax(0)))
             return partial
 
-        pool = self._worker_pool(device)
         groups = [pool.submit(project_chunks, group) for group in range(_GROUPS)] if pool is not None else None
+        # Ray length per unit of main index: the direction is a unit world vector, so 1 / |d(main)/d(mm)|. Made
+        # while the workers sample.
+        length_per_slice = torch.from_numpy(1.0 / np.abs(along)).to(device, dtype) if mode == "sum" else None
 
         def finish() -> torch.Tensor:
             partials = ([group.result() for group in groups] if groups is not None
@@ -498,8 +498,7 @@ class SliceWarpProjector:
                 first_met, last_met = _slab_indices(*_slabs_hitting_stack(starts, steps, n_rows, n_cols, plan.mask))
                 read_zero = torch.from_numpy((first_met > first) | (last_met < last - 1) | (last <= first)).to(device)
                 return torch.where(read_zero, result.clamp_min(0.0), result)
-            # Ray length per unit of main index: the direction is a unit world vector, so 1 / |d(main)/d(mm)|.
-            return result * torch.from_numpy(1.0 / np.abs(along)).to(device, dtype)
+            return result * length_per_slice
 
         return finish
 
@@ -800,15 +799,21 @@ def _chunks_of_slabs(first: int, chunk: int, row_low: np.ndarray, row_high: np.n
     """Slabs first, first + 1, ... in runs of `chunk`, one `grid_sample` call each: (begin, end, rows, cols), the
     detector rectangle whose rays meet slabs begin..end-1, from each slab's window (`_slab_windows`); rows and cols
     None where no ray meets them."""
+    met = (row_low <= row_high) & (col_low <= col_high)  # (slabs,)
+    if not met.size:
+        return []
+    starts = np.arange(0, met.size, chunk)
+    unmet_low = np.iinfo(np.int64).max
+    row_begins, col_begins = (np.minimum.reduceat(np.where(met, low, unmet_low), starts).tolist()
+                              for low in (row_low, col_low))
+    row_ends, col_ends = (np.maximum.reduceat(np.where(met, high, -1), starts).tolist()
+                          for high in (row_high, col_high))
+    any_met = np.logical_or.reduceat(met, starts).tolist()
     chunks = []
-    for at in range(0, len(row_low), chunk):
-        window = slice(at, at + chunk)
-        met = (row_low[window] <= row_high[window]) & (col_low[window] <= col_high[window])
-        rows = cols = None
-        if met.any():
-            rows = slice(int(row_low[window][met].min()), int(row_high[window][met].max()) + 1)
-            cols = slice(int(col_low[window][met].min()), int(col_high[window][met].max()) + 1)
-        chunks.append((first + at, first + min(at + chunk, len(row_low)), rows, cols))
+    for at, met_here, row_begin, row_end, col_begin, col_end in zip(starts.tolist(), any_met, row_begins, row_ends,
+                                                                    col_begins, col_ends):
+        rows, cols = (slice(row_begin, row_end + 1), slice(col_begin, col_end + 1)) if met_here else (None, None)
+        chunks.append((first + at, first + min(at + chunk, met.size), rows, cols))
     return chunks
 
 
@@ -875,13 +880,28 @@ def _chunk_reaches_cut(cut_rows: np.ndarray, cut_cols: np.ndarray, begin: int, e
     return min(cut_rows.max(), cut_cols.max()) >= begin
 
 
-def _grid_planes(planes: Sequence[np.ndarray], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Two (h, w) planes (grid x, y) -> one (h, w, 2) tensor, each converted in a single pass."""
+def _grid_planes(origins_vox: np.ndarray, slope: np.ndarray, main: int, slab: int,
+                 axes: Sequence[Tuple[int, int, int, int]], dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The sampling grid of slab n, start + n * step: (start, step), (h, w, 2) host tensors each, x and y from
+    `axes` (index axis, filter factor, shear, stack size) of the slice columns and rows, for rays (origins (3, h, w)
+    or (3, 1, 1), slopes (3, h, w)) across `main`.
+
+    Slab n is centred on original main index t_n = slab*n + (slab-1)/2. Along a ray an index axis a is at
+    a(t) = o_a + (t - o_m) * slope_a; a stack padded by `pad` and box-filtered by p maps index a to
+    (a + pad - (p-1)/2) / p; grid_sample's align_corners coordinates map index x of an n-long axis to 2x/(n-1) - 1.
+    All affine in n, and for a cone beam (one origin) affine in the slope: a pass or two per plane, written
+    straight into the grid (a view's set-up, which the workers wait for).
+    """
     host_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-    grid = torch.empty(planes[0].shape + (2,), dtype=host_dtype)
-    for at, plane in enumerate(planes):
-        grid.numpy()[..., at] = plane
-    return grid.to(device=device, dtype=dtype)
+    shape = slope.shape[1:] + (2,)
+    start, step = torch.empty(shape, dtype=host_dtype), torch.empty(shape, dtype=host_dtype)
+    for at, (axis, pool, shear, size) in enumerate(axes):
+        scale = 2.0 / (pool * max(size - 1, 1))
+        intercept = scale * (origins_vox[axis] + _shear_pad(slab, shear, pool) - (pool - 1) / 2.0) - 1.0
+        np.add(scale * ((slab - 1) / 2.0 - origins_vox[main]) * slope[axis], intercept, out=start.numpy()[..., at],
+               casting="same_kind")
+        np.multiply(slope[axis], scale * slab, out=step.numpy()[..., at], casting="same_kind")
+    return start, step
 
 
 def _extent_within_strip(along: np.ndarray, across: np.ndarray, low: float, high: float) -> Tuple[np.ndarray,
