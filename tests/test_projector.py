@@ -165,7 +165,7 @@ def test_gradcheck_on_a_tiny_volume():
     views = [CArm(detector=Detector(5, 4, (5.0, 5.0))).view(20, 10),
              CArm(detector=Detector(5, 4, (1.0, 1.0))).view(40, 10)]  # straight and sheared slabs
     projector = SliceWarpProjector(torch.zeros(1, 1, 4, 5, 6), affine)
-    assert [plan.stack_key[4:] != (0, 0) for view in views for plan in projector._plans(view)] == [False, True]
+    assert [plan.stack_key[4:6] != (0, 0) for view in views for plan in projector._plans(view)] == [False, True]
     volume = torch.rand(1, 1, 4, 5, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda v: project(v, affine, views), (volume,))
 
@@ -180,7 +180,7 @@ def test_gradcheck_through_merged_slabs_and_uneven_filters():
         return SliceWarpProjector(v, np.eye(4), merge_slabs=True, slab_lengths=(1, 2, 4), max_slab=4, shear=False)
 
     assert [merged(volume)._merged_from(plan.stack_key + ("sum",)) for plan in merged(volume)._plans(view)] == [
-        (1, 2, 3, 4, 0, 0, "sum")]  # slabs of 4 from those of 2 (7 slices across j), i filtered by 4 (9 voxels)
+        (1, 2, 3, 4, 0, 0, False, "sum")]  # slabs of 4 from those of 2 (7 slices across j), i filtered by 4 (9 voxels)
     assert torch.autograd.gradcheck(lambda v: merged(v).project([view]), (volume,))
 
 
@@ -246,15 +246,15 @@ def test_slabs_are_merged_from_their_shortest_divisor_as_if_resliced(mode):
     for main, slab, pool_rows, pool_cols, divisor in ((0, 4, 2, 3, 2), (0, 8, 1, 1, 2), (1, 4, 2, 2, 2),
                                                       (1, 8, 1, 2, 2), (2, 4, 3, 1, 2), (2, 6, 1, 1, 2),
                                                       (0, 6, 1, 2, 2), (0, 9, 1, 1, 3), (1, 9, 1, 2, 3)):
-        base = (main, divisor, pool_rows, pool_cols, 0, 0, mode)
-        assert projector._merged_from((main, slab, pool_rows, pool_cols, 0, 0, mode)) == base
-        merged = projector._stack(main, slab, pool_rows, pool_cols, 0, 0, mode)
+        base = (main, divisor, pool_rows, pool_cols, 0, 0, False, mode)
+        assert projector._merged_from((main, slab, pool_rows, pool_cols, 0, 0, False, mode)) == base
+        merged = projector._stack(main, slab, pool_rows, pool_cols, 0, 0, False, mode)
         torch.testing.assert_close(merged, projector._reslice(main, slab, pool_rows, pool_cols, mode=mode))
         assert base in projector._stacks
-    for key in ((0, 3, 1, 1, 0, 0, "sum"), (0, 2, 1, 1, 0, 0, "sum"), (0, 5, 1, 1, 0, 0, "sum"),
-                (0, 4, 1, 1, 1, 0, "sum")):
+    for key in ((0, 3, 1, 1, 0, 0, False, "sum"), (0, 2, 1, 1, 0, 0, False, "sum"), (0, 5, 1, 1, 0, 0, False, "sum"),
+                (0, 4, 1, 1, 1, 0, False, "sum")):
         assert projector._merged_from(key) is None  # prime lengths and sheared slabs: re-sliced
-    assert SliceWarpProjector(volume, np.eye(4))._merged_from((0, 4, 1, 1, 0, 0, "sum")) is None
+    assert SliceWarpProjector(volume, np.eye(4))._merged_from((0, 4, 1, 1, 0, 0, False, "sum")) is None
 
 
 @pytest.mark.parametrize("mode", ["sum", "max"])
@@ -263,7 +263,8 @@ def test_stacks_sharing_an_in_plane_filter_are_built_from_one_filtering_as_if_al
     makes first (a few slices per task, on the workers) and drops after: each stack holds bitwise the numbers it has
     when built alone."""
     volume = torch.from_numpy(np.random.default_rng(5).standard_normal((1, 2, 9, 10, 11)))  # (B, C, K, J, I)
-    keys = {(2, 2, 2, 3, 0, 0, mode), (2, 3, 2, 3, 0, 0, mode), (0, 3, 1, 2, 0, 0, mode)}  # j by 2, i by 3 in-plane
+    keys = {(2, 2, 2, 3, 0, 0, False, mode), (2, 3, 2, 3, 0, 0, False, mode),
+            (0, 3, 1, 2, 0, 0, False, mode)}  # j by 2, i by 3 in-plane
     together = SliceWarpProjector(volume, np.eye(4), workers=2)
     runs_along, passes_along_i = slicewarp._runs_along, []
     monkeypatch.setattr(slicewarp, "_runs_along", lambda tensor, dim, *args: (
@@ -282,13 +283,13 @@ def test_a_stack_across_j_is_its_twin_across_i_transposed(mode):
     volume = torch.from_numpy(np.random.default_rng(4).standard_normal((1, 2, 7, 9, 11)))  # (B, C, K, J, I)
     projector = SliceWarpProjector(volume, np.eye(4))
     for slab, pool_rows in ((2, 1), (3, 2), (4, 1)):
-        key = (1, slab, pool_rows, slab, 0, 0, mode)
+        key = (1, slab, pool_rows, slab, 0, 0, False, mode)
         assert projector._twin_of(key) == (0,) + key[1:]
         projector._build({(0,) + key[1:]}, None)
-        assert torch.equal(projector._stack(*key), projector._reslice(*key[:6], mode=mode))
-    assert projector._twin_of((1, 3, 1, 2, 0, 0, "sum")) is None  # slab and filter differ: scaled differently
-    assert projector._twin_of((0, 2, 1, 2, 0, 0, "sum")) is None
-    assert SliceWarpProjector(volume, np.eye(4), merge_slabs=True)._twin_of((1, 4, 1, 4, 0, 0, "sum")) is None
+        assert torch.equal(projector._stack(*key), projector._reslice(*key[:7], mode=mode))
+    assert projector._twin_of((1, 3, 1, 2, 0, 0, False, "sum")) is None  # slab and filter differ: scaled differently
+    assert projector._twin_of((0, 2, 1, 2, 0, 0, False, "sum")) is None
+    assert SliceWarpProjector(volume, np.eye(4), merge_slabs=True)._twin_of((1, 4, 1, 4, 0, 0, False, "sum")) is None
 
 
 def test_argmax_of_three_is_numpys_first_on_ties():
@@ -332,10 +333,12 @@ def bilinear_or_zero(slices, index, channel, row, col):
 
 
 @pytest.mark.parametrize("mode", ["sum", "max"])
-def test_sheared_slabs_shift_each_slice_along_the_shear(mode):
+@pytest.mark.parametrize("rounded", [False, True])
+def test_sheared_slabs_shift_each_slice_along_the_shear(mode, rounded):
     """A sheared slab is the sum (or maximum) of its slices, each shifted by its offset from the slab's centre times
-    the shear, linearly between whole voxels, with zeros outside the volume; the stack is padded by the largest
-    shift. Checked against a direct sum over voxels in numpy, for every main axis."""
+    the shear, linearly between whole voxels (or rounded to the nearest, half to even), with zeros outside the
+    volume; the stack is padded by the largest shift. Checked against a direct sum over voxels in numpy, for every
+    main axis."""
     volume = np.random.default_rng(7).standard_normal((1, 2, 7, 9, 11))  # (B, C, K, J, I), negative values too
     projector = SliceWarpProjector(torch.from_numpy(volume), np.eye(4))
     for main, slab, shear_rows, shear_cols in ((0, 3, 2, -5), (1, 4, -3, 0), (2, 2, 0, 6)):
@@ -348,10 +351,13 @@ def test_sheared_slabs_shift_each_slice_along_the_shear(mode):
         expected = np.zeros((n_slabs, 2, rows + 2 * pad_rows, cols + 2 * pad_cols))
         for n, channel, row, col in np.ndindex(*expected.shape):
             offsets = np.arange(slab) - (slab - 1) / 2  # each slice from its slab's centre
-            samples = [bilinear_or_zero(slices, n * slab + t, channel, row - pad_rows + offset * slope_rows,
-                                        col - pad_cols + offset * slope_cols) for t, offset in enumerate(offsets)]
+            shifts = [(np.round(offset * slope_rows), np.round(offset * slope_cols)) if rounded
+                      else (offset * slope_rows, offset * slope_cols) for offset in offsets]
+            samples = [bilinear_or_zero(slices, n * slab + t, channel, row - pad_rows + shift_rows,
+                                        col - pad_cols + shift_cols)
+                       for t, (shift_rows, shift_cols) in enumerate(shifts)]
             expected[n, channel, row, col] = sum(samples) if mode == "sum" else max(samples)
-        stack = projector._reslice(main, slab, 1, 1, shear_rows, shear_cols, mode)
+        stack = projector._reslice(main, slab, 1, 1, shear_rows, shear_cols, rounded, mode)
         np.testing.assert_allclose(stack.numpy(), expected, atol=1e-12)
 
 
@@ -457,14 +463,13 @@ def test_chunks_cover_exactly_the_windows_of_their_slabs():
         assert slicewarp._chunks_of_slabs(first, chunk, low[0], high[0], low[1], high[1]) == expected
 
 
-@pytest.mark.parametrize("primary", [30, 60])
-def test_a_wide_cone_oblique_takes_a_whole_voxel_shear_where_it_lengthens_the_slab(monkeypatch, primary):
-    """Where a shear to the rays' middle slope would not double the slab, a shear by whole voxels per slice (no
-    interpolation of the slices) is taken if it lengthens the slab: fewer samples, and nearer the dense reference."""
+def wide_cone_oblique(primary: float):
+    """A noisy sphere (64^3) seen at `primary` deg by a wide cone (filter factor 2: a voxel is 4 SHEAR_STEPs) ->
+    a function giving a fresh projector's first plan and its relative L2 error from the dense reference."""
     values, affine = phantoms.sphere((64, 64, 64), 1.5, 40.0)
     noise = torch.from_numpy(np.random.default_rng(0).random((1, 1, 64, 64, 64)))
     volume = torch.nn.functional.avg_pool3d(torch.from_numpy(values)[None, None] * noise, 3, 1, 1)
-    view = CArm(detector=Detector.square(48, 6.0)).view(primary, 0)  # filter factor 2: a voxel is 4 SHEAR_STEPs
+    view = CArm(detector=Detector.square(48, 6.0)).view(primary, 0)
     exact = reference_projection(volume[0], affine, view, 0.5)[0]
 
     def plan_and_error():
@@ -472,13 +477,50 @@ def test_a_wide_cone_oblique_takes_a_whole_voxel_shear_where_it_lengthens_the_sl
         image = projector.project([view])[0, 0, 0]
         return projector._plans(view)[0], float(torch.norm(image - exact) / torch.norm(exact))
 
+    return plan_and_error
+
+
+@pytest.mark.parametrize("primary", [30, 60])
+def test_a_wide_cone_oblique_takes_a_whole_voxel_shear_where_it_lengthens_the_slab(monkeypatch, primary):
+    """Where a shear to the rays' middle slope would not double the slab, a shear by whole voxels per slice (no
+    interpolation of the slices) is taken if it lengthens the slab: fewer samples, and nearer the dense reference."""
+    plan_and_error = wide_cone_oblique(primary)
     whole, whole_error = plan_and_error()
     monkeypatch.setattr(slicewarp, "_whole_voxel_shear_and_drift", lambda low, high, pool: (
         0, max(abs(low), abs(high)) / pool))
+    monkeypatch.setattr(slicewarp, "_mean_square_offset", straight_only(slicewarp._mean_square_offset))
     straight, straight_error = plan_and_error()
     assert whole.pool_cols == 2 and whole.shear_cols == 4 and straight.shear_cols == 0
     assert whole.slab > straight.slab
     assert whole_error < straight_error
+
+
+def straight_only(mean_square_offset):
+    """`_mean_square_offset` that no rounded shear can match: the straight slab stays."""
+    return lambda low, high, pool, shift, slab: mean_square_offset(low, high, pool, shift, slab) if shift == 0 \
+        else np.inf
+
+
+@pytest.mark.parametrize("primary", [20, 25])
+def test_a_wide_cone_oblique_takes_a_rounded_shear_where_it_samples_no_further_from_the_rays(monkeypatch, primary):
+    """Where neither shear above lengthens the slab, the middle slope's shear with each slice's shift rounded to whole
+    voxels is taken in the longest slab that samples no further from the rays than the straight slab (mean square
+    offset): fewer samples, and here nearer the dense reference."""
+    plan_and_error = wide_cone_oblique(primary)
+    rounded, rounded_error = plan_and_error()
+    monkeypatch.setattr(slicewarp, "_mean_square_offset", straight_only(slicewarp._mean_square_offset))
+    straight, straight_error = plan_and_error()
+    assert rounded.rounded and rounded.shear_cols != 0 and not straight.rounded and straight.shear_cols == 0
+    assert rounded.slab > straight.slab
+    assert rounded_error < straight_error
+
+
+def test_the_mean_square_offset_of_slabs():
+    """Rays of one slope through a straight slab of L slices: slope^2 (L^2 - 1) / 12 filtered voxels^2; a shear
+    that follows them exactly in whole voxels: 0; the worse of two slopes counts."""
+    assert slicewarp._mean_square_offset(0.5, 0.5, 1, 0.0, 4) == pytest.approx(0.25 * 15 / 12)
+    assert slicewarp._mean_square_offset(2.0, 2.0, 2, 2.0, 5) == 0.0
+    assert slicewarp._mean_square_offset(-0.5, 0.2, 1, 0.0, 3) == pytest.approx(0.25 * 8 / 12)
 
 
 def test_a_chunk_takes_a_few_slabs_however_few_rays_it_has(sphere, monkeypatch):
@@ -558,7 +600,7 @@ def test_a_batch_of_views_gives_each_views_own_image(beam, antialias, row_bands,
         images = batched.project(group)
         assert images.shape == expected.shape == (2, len(group), 2, 36, 40)
         torch.testing.assert_close(images, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
-    assert any(plan.stack_key[4:] != (0, 0) for plan in batched._plans(sheared)) == antialias
+    assert any(plan.stack_key[4:6] != (0, 0) for plan in batched._plans(sheared)) == antialias
 
 
 def test_a_batch_of_views_is_differentiable():

@@ -20,7 +20,9 @@ Anti-aliasing (on by default) makes the work follow the detector rather than the
   whole voxels) along the slope of the view's middle ray, rounded to `SHEAR_STEP`, so that only the rays' spread
   about it limits the slab length, not their common slant. An oblique view with a narrow cone then takes as few
   steps as a frontal one. Elsewhere a shear by whole voxels per slice (no interpolation of the slices) is taken
-  wherever it lengthens the slab at all (a wide cone's obliques).
+  wherever it lengthens the slab at all (a wide cone's obliques), and failing that the middle slope's shear with
+  each slice's shift rounded to whole voxels, in the longest slab that samples no further from the rays than the
+  straight slab (mean square sideways offset, `_mean_square_offset`).
 On the real chest CT this stays within 0.4 % relative L2 of the dense reference at 0-90 deg (bench/RESULTS.md).
 A view's slab length and shear are functions of the view alone, so its image never depends on what was projected
 before.
@@ -94,6 +96,7 @@ class _RayPlan:
     pool_cols: int
     shear_rows: int  # slab shear along the slice rows and columns, in steps of SHEAR_STEP filtered voxels per slice
     shear_cols: int
+    rounded: bool  # each slice shifted by its shear rounded to whole voxels, instead of linearly between them
     rows: slice  # the region on the detector
     cols: slice
     mask: Optional[np.ndarray]  # (h, w) bool, True where this plan's rays are; None = the whole region
@@ -103,8 +106,8 @@ class _RayPlan:
     slope: np.ndarray  # (3, h, w) index change per unit of main index along each ray
 
     @property
-    def stack_key(self) -> Tuple[int, int, int, int, int, int]:
-        return self.main, self.slab, self.pool_rows, self.pool_cols, self.shear_rows, self.shear_cols
+    def stack_key(self) -> Tuple[int, int, int, int, int, int, bool]:
+        return self.main, self.slab, self.pool_rows, self.pool_cols, self.shear_rows, self.shear_cols, self.rounded
 
 
 class SliceWarpProjector:
@@ -180,7 +183,7 @@ class SliceWarpProjector:
         self.center_ras = voxel_to_world(self.affine, (self.shape_ijk - 1) / 2.0)
         corners = np.stack(np.meshgrid(*[[-1.0, n] for n in self.shape_ijk], indexing="ij"), -1).reshape(-1, 3)
         self.corners_ras = voxel_to_world(self.affine, corners)  # (8, 3) the box samples can read, RAS mm
-        # (slabs, B*C, rows, cols) by (main, slab, pool_rows, pool_cols, shear_rows, shear_cols, mode)
+        # (slabs, B*C, rows, cols) by (main, slab, pool_rows, pool_cols, shear_rows, shear_cols, rounded, mode)
         self._stacks: Dict[Tuple[int, int, int, int, int, int, str], torch.Tensor] = {}
         # while `_build` runs: the volume filtered in-plane (`_planar`) by (rows, cols, mode) for the stacks it builds
         self._planar_volumes: Dict[Tuple[int, int, str], torch.Tensor] = {}
@@ -215,10 +218,10 @@ class SliceWarpProjector:
 
         keys = {key for view_keys in (pool.map if pool is not None else map)(stack_keys, views) for key in view_keys}
         if sweep:  # straight and sheared stacks apart: a view shears its slabs only where that pays
-            for group in {(key[0], key[2], key[3], key[4:] != (0, 0)) for key in keys}:
-                members = [key for key in keys if (key[0], key[2], key[3], key[4:] != (0, 0)) == group]
+            for group in {(key[0], key[2], key[3], key[4:6] != (0, 0), key[6]) for key in keys}:
+                members = [key for key in keys if (key[0], key[2], key[3], key[4:6] != (0, 0), key[6]) == group]
                 slabs, shears_rows, shears_cols = ([key[at] for key in members] for at in (1, 4, 5))
-                keys |= {(group[0], slab, group[1], group[2], shear_rows, shear_cols)
+                keys |= {(group[0], slab, group[1], group[2], shear_rows, shear_cols, group[4])
                          for slab in self.slab_lengths if min(slabs) <= slab <= max(slabs)
                          for shear_rows in range(min(shears_rows), max(shears_rows) + 1)
                          for shear_cols in range(min(shears_cols), max(shears_cols) + 1)}
@@ -307,11 +310,11 @@ class SliceWarpProjector:
                 for begin, end in zip(starts[:-1], starts[1:])]
 
     def _stack_choice(self, main: int, pitch_mm: float, row_slopes: Tuple[float, float],
-                      col_slopes: Tuple[float, float]) -> Tuple[int, int, int, int, int]:
-        """Slab length, filter factors and shears (`_RayPlan`'s) for rays across `main` whose slopes (index change per
-        slice along the slice rows and columns, original voxels) span these (low, high) ranges."""
+                      col_slopes: Tuple[float, float]) -> Tuple[int, int, int, int, int, bool]:
+        """Slab length, filter factors, shears and their rounding (`_RayPlan`'s) for rays across `main` whose slopes
+        (index change per slice along the slice rows and columns, original voxels) span these (low, high) ranges."""
         if not self.antialias:
-            return 1, 1, 1, 0, 0
+            return 1, 1, 1, 0, 0, False
         row_axis, col_axis = _SLICE_LAYOUT[main][1]
         pool_rows, pool_cols = self._pool_factor(pitch_mm, row_axis), self._pool_factor(pitch_mm, col_axis)
         largest = max(max(map(abs, row_slopes)) / pool_rows, max(map(abs, col_slopes)) / pool_cols)
@@ -320,11 +323,11 @@ class SliceWarpProjector:
             # Slabs sheared along the rays' middle slope (to the nearest SHEAR_STEP), so that only the rays' spread
             # about it limits the slab length, not their common slant. A shear costs an interpolation of each
             # slice, so it is taken only where it at least doubles the slab length.
-            shear_rows, drift_rows = _shear_and_drift(*row_slopes, pool_rows)
-            shear_cols, drift_cols = _shear_and_drift(*col_slopes, pool_cols)
+            middle_rows, drift_rows = _shear_and_drift(*row_slopes, pool_rows)
+            middle_cols, drift_cols = _shear_and_drift(*col_slopes, pool_cols)
             sheared = int(self._slab_length(max(drift_rows, drift_cols), main))
             if sheared >= 2 * slab:
-                return sheared, pool_rows, pool_cols, shear_rows, shear_cols
+                return sheared, pool_rows, pool_cols, middle_rows, middle_cols, False
             # Else a shear by whole voxels per slice, which moves slices without interpolating them (by half
             # voxels in slabs of even length), wherever it lengthens the slab at all: a wide cone's obliques
             # (bench/RESULTS.md, twelfth stop).
@@ -332,8 +335,20 @@ class SliceWarpProjector:
             shear_cols, drift_cols = _whole_voxel_shear_and_drift(*col_slopes, pool_cols)
             sheared = int(self._slab_length(max(drift_rows, drift_cols), main))
             if sheared > slab:
-                return sheared, pool_rows, pool_cols, shear_rows, shear_cols
-        return slab, pool_rows, pool_cols, 0, 0
+                return sheared, pool_rows, pool_cols, shear_rows, shear_cols, False
+            # Else the middle slope's shear with each slice's shift rounded to whole voxels (no interpolation
+            # either), in the longest slab whose sampling lies no further from the rays than the straight slab's:
+            # the worst ray's mean square sideways offset over the slices, both axes (bench/RESULTS.md, thirteenth
+            # stop).
+            axes = ((row_slopes, pool_rows, middle_rows), (col_slopes, pool_cols, middle_cols))
+            straight = sum(_mean_square_offset(*slopes, pool, 0.0, slab) for slopes, pool, _ in axes)
+            longer = [length for length in self.slab_lengths
+                      if slab < length <= min(self.max_slab, int(self.shape_ijk[main]))]
+            for length in sorted(longer, reverse=True) if middle_rows or middle_cols else []:
+                if sum(_mean_square_offset(*slopes, pool, shear * SHEAR_STEP * pool, length)
+                       for slopes, pool, shear in axes) <= straight:
+                    return length, pool_rows, pool_cols, middle_rows, middle_cols, True
+        return slab, pool_rows, pool_cols, 0, 0, False
 
     def _rays_vox(self, view: View) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The view's rays in voxel index space, index axis (i, j, k) first so that numpy runs along whole rows:
@@ -432,7 +447,7 @@ class SliceWarpProjector:
     def _start_region(self, view: View, plan: _RayPlan, mode: str) -> Callable[[], torch.Tensor]:
         """Starts projecting the rays of one plan (on the workers, if any) and returns what waits for and returns
         their (B*C, h, w) projection."""
-        main, slab, pool_rows, pool_cols, shear_rows, shear_cols = plan.stack_key
+        main, slab, pool_rows, pool_cols, shear_rows, shear_cols, _ = plan.stack_key
         origins_vox, slope, along = plan.origins_vox, plan.slope, plan.along
         stack = self._stack(*plan.stack_key, mode)
         row_axis, col_axis = _SLICE_LAYOUT[main][1]
@@ -515,7 +530,7 @@ class SliceWarpProjector:
         """
         if last <= first:
             return None
-        main, slab, pool_rows, pool_cols, shear_rows, shear_cols = plan.stack_key
+        main, slab, pool_rows, pool_cols, shear_rows, shear_cols, _ = plan.stack_key
         row_axis, col_axis = _SLICE_LAYOUT[main][1]
         slabs = np.arange(first, last)
         corners = np.empty((len(slabs), 4, 3))  # (slabs, 4, 3) voxel index (i, j, k) of each rectangle's corners
@@ -650,7 +665,7 @@ class SliceWarpProjector:
             self._planar_volumes.clear()
 
     def _stack(self, main: int, slab: int, pool_rows: int, pool_cols: int, shear_rows: int, shear_cols: int,
-               mode: str) -> torch.Tensor:
+               rounded: bool, mode: str) -> torch.Tensor:
         """The volume re-sliced across `main` with these filter factors and shears: (slabs, B*C, rows, cols),
         cached in `stack_dtype`.
 
@@ -659,7 +674,7 @@ class SliceWarpProjector:
         across j whose twin across i is cached (`_twin_of`) is that stack transposed: the same numbers as
         re-slicing, for the cost of a copy.
         """
-        key = (main, slab, pool_rows, pool_cols, shear_rows, shear_cols, mode)
+        key = (main, slab, pool_rows, pool_cols, shear_rows, shear_cols, rounded, mode)
         if key in self._stacks:
             return self._stacks[key]
         cached = not self._with_graph()
@@ -703,31 +718,32 @@ class SliceWarpProjector:
         """The key of the stack that `_stack` merges this one from (`merge_slabs`): for straight slabs of a length
         that is not prime, the slabs of its shortest divisor above 1 (4, 6 and 8 from 2; 9 from 3); None when it is
         re-sliced from the volume."""
-        main, slab, pool_rows, pool_cols, shear_rows, shear_cols, mode = key
+        main, slab, pool_rows, pool_cols, shear_rows, shear_cols, _, mode = key
         if not self.merge_slabs or shear_rows or shear_cols:
             return None
         divisor = next((length for length in range(2, slab) if slab % length == 0), None)
-        return None if divisor is None else (main, divisor, pool_rows, pool_cols, 0, 0, mode)
+        return None if divisor is None else (main, divisor, pool_rows, pool_cols, 0, 0, False, mode)
 
     def _twin_of(self, key: Tuple) -> Optional[Tuple]:
         """For a straight stack across j re-sliced from the volume whose slab is as long as its filter along i, the
         stack across i with the same key: it pools the same windows of voxels and scales them alike, so it holds
         the same numbers, transposed; None otherwise."""
-        main, slab, pool_rows, pool_cols, shear_rows, shear_cols, mode = key
+        main, slab, pool_rows, pool_cols, shear_rows, shear_cols, _, mode = key
         twin = (0,) + tuple(key[1:])
         if main != 1 or slab != pool_cols or shear_rows or shear_cols or self._merged_from(key) is not None:
             return None
         return twin
 
     def _reslice(self, main: int, slab: int, pool_rows: int, pool_cols: int, shear_rows: int = 0,
-                 shear_cols: int = 0, mode: str = "sum", dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                 shear_cols: int = 0, rounded: bool = False, mode: str = "sum",
+                 dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """(B, C, K, J, I) -> (ceil(N/slab), B*C, rows, cols): sheared slabs across `main`, box-filtered in-plane.
 
         Slice t of a slab is shifted in-plane by its offset from the slab's centre along the shear (linear between
-        the two nearest whole voxels) and the slab is the sum (or maximum) of its shifted slices, so that it follows
-        a slanted ray. The plane is padded by the largest shift on each side, and with zeros to whole filter windows;
-        missing slices of the last slab and everything outside the volume count as zeros. `dtype`: of a straight
-        stack, converted in its last copy (default: the volume's).
+        the two nearest whole voxels, or `rounded` to the nearest) and the slab is the sum (or maximum) of its
+        shifted slices, so that it follows a slanted ray. The plane is padded by the largest shift on each side, and
+        with zeros to whole filter windows; missing slices of the last slab and everything outside the volume count
+        as zeros. `dtype`: of a straight stack, converted in its last copy (default: the volume's).
         """
         if shear_rows == shear_cols == 0:
             return self._reslice_straight(main, slab, pool_rows, pool_cols, mode, dtype)
@@ -742,9 +758,10 @@ class SliceWarpProjector:
         slabs = volume.new_zeros(shape) if mode == "sum" else volume.new_full(shape, -math.inf)
         shifted = None if mode == "sum" else volume.new_empty((shape[0],) + shape[2:])  # a slice per slab, in zeros
         # Per slice t of a slab: (weight, row, column) at which its voxel (0, 0) lands, as it reads x + shift at x.
+        shifts = _rounded_shifts if rounded else _linear_shifts
         corners = [[(weight_r * weight_c, pad_rows - shift_r, pad_cols - shift_c)
-                    for weight_r, shift_r in _linear_shifts(t - (slab - 1) / 2.0, shear_rows * SHEAR_STEP * pool_rows)
-                    for weight_c, shift_c in _linear_shifts(t - (slab - 1) / 2.0, shear_cols * SHEAR_STEP * pool_cols)]
+                    for weight_r, shift_r in shifts(t - (slab - 1) / 2.0, shear_rows * SHEAR_STEP * pool_rows)
+                    for weight_c, shift_c in shifts(t - (slab - 1) / 2.0, shear_cols * SHEAR_STEP * pool_cols)]
                    for t in range(slab)]
         for channel in range(volume.shape[0]):
             slices = _slices_first(volume[channel], main_dim - 1)  # (N, rows, cols)
@@ -1011,6 +1028,18 @@ def _shear_and_drift(low: float, high: float, pool: int) -> Tuple[int, float]:
     return shear, max(high - shear * SHEAR_STEP, shear * SHEAR_STEP - low)
 
 
+def _mean_square_offset(low: float, high: float, pool: int, shift_per_slice: float, slab: int) -> float:
+    """The mean square sideways offset (filtered voxels^2) between rays of slopes `low` to `high` (voxels per slice)
+    and where a slab of `slab` slices, each shifted by `shift_per_slice` times its offset from the slab's centre
+    rounded to whole voxels (as `_rounded_shifts`), reads them, over its slices: of the worse ray (a convex function
+    of the slope peaks at an end). A straight slab's (no shift) is slope^2 (slab^2 - 1) / 12. A few numbers: plain
+    Python."""
+    offsets = [t - (slab - 1) / 2.0 for t in range(slab)]  # slices from the slab's centre
+    shifts = [round(shift_per_slice * offset) for offset in offsets]
+    return max(sum(((slope * offset - shift) / pool) ** 2 for offset, shift in zip(offsets, shifts)) / slab
+               for slope in (low, high))
+
+
 def _whole_voxel_shear_and_drift(low: float, high: float, pool: int) -> Tuple[int, float]:
     """`_shear_and_drift` for a shear of whole voxels per slice (in SHEAR_STEPs) nearest the middle of the slopes;
     no shear where the filter factor makes a whole voxel a fraction of SHEAR_STEPs."""
@@ -1092,6 +1121,11 @@ def _merge_runs(stack: torch.Tensor, length: int, mode: str) -> torch.Tensor:
 def _shear_pad(slab: int, shear: int, pool: int) -> int:
     """Voxels by which the slices of a slab sheared by `shear` SHEAR_STEPs (filter factor `pool`) move at most."""
     return int(math.ceil(abs((slab - 1) / 2.0 * shear * SHEAR_STEP * pool) - 1e-9))
+
+
+def _rounded_shifts(offset: float, slope: float) -> List[Tuple[float, int]]:
+    """A shift by offset * slope voxels rounded to the nearest whole voxel (half to even), as `_linear_shifts`."""
+    return [(1.0, int(round(offset * slope)))]
 
 
 def _linear_shifts(offset: float, slope: float) -> List[Tuple[float, int]]:

@@ -180,7 +180,7 @@ def _stack_users(projector: SliceWarpProjector, views: Sequence[View],
 
 def _integrate(projector: SliceWarpProjector, key: Tuple, rays: _AxisRays) -> Tensor:
     """(B*C, P', H, W) line integrals through stack `key` along the given rays (`_Rays.select`)."""
-    main, slab, pool_rows, pool_cols, shear_rows, shear_cols = key
+    main, slab, pool_rows, pool_cols, shear_rows, shear_cols, _ = key
     stack = projector._stack(*key, "sum")  # (slabs, B*C, rows, cols)
     n_slabs, _, n_rows, n_cols = stack.shape
     row_axis, col_axis = _SLICE_LAYOUT[main][1]
