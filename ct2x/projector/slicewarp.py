@@ -184,7 +184,7 @@ class SliceWarpProjector:
         corners = np.stack(np.meshgrid(*[[-1.0, n] for n in self.shape_ijk], indexing="ij"), -1).reshape(-1, 3)
         self.corners_ras = voxel_to_world(self.affine, corners)  # (8, 3) the box samples can read, RAS mm
         # (slabs, B*C, rows, cols) by (main, slab, pool_rows, pool_cols, shear_rows, shear_cols, rounded, mode)
-        self._stacks: Dict[Tuple[int, int, int, int, int, int, str], torch.Tensor] = {}
+        self._stacks: Dict[Tuple[int, int, int, int, int, int, bool, str], torch.Tensor] = {}
         # while `_build` runs: the volume filtered in-plane (`_planar`) by (rows, cols, mode) for the stacks it builds
         self._planar_volumes: Dict[Tuple[int, int, str], torch.Tensor] = {}
         self._staging: Dict[int, torch.Tensor] = {}  # per thread: flat CPU buffer its chunk is copied into
