@@ -340,14 +340,15 @@ class SliceWarpProjector:
             # either), in the longest slab whose sampling lies no further from the rays than the straight slab's:
             # the worst ray's mean square sideways offset over the slices, both axes (bench/RESULTS.md, thirteenth
             # stop).
-            axes = ((row_slopes, pool_rows, middle_rows), (col_slopes, pool_cols, middle_cols))
-            straight = sum(_mean_square_offset(*slopes, pool, 0.0, slab) for slopes, pool, _ in axes)
-            longer = [length for length in self.slab_lengths
-                      if slab < length <= min(self.max_slab, int(self.shape_ijk[main]))]
-            for length in sorted(longer, reverse=True) if middle_rows or middle_cols else []:
-                if sum(_mean_square_offset(*slopes, pool, shear * SHEAR_STEP * pool, length)
-                       for slopes, pool, shear in axes) <= straight:
-                    return length, pool_rows, pool_cols, middle_rows, middle_cols, True
+            if middle_rows or middle_cols:
+                axes = ((row_slopes, pool_rows, middle_rows), (col_slopes, pool_cols, middle_cols))
+                straight = sum(_mean_square_offset(*slopes, pool, 0.0, slab) for slopes, pool, _ in axes)
+                longer = [length for length in self.slab_lengths
+                          if slab < length <= min(self.max_slab, int(self.shape_ijk[main]))]
+                for length in sorted(longer, reverse=True):
+                    if sum(_mean_square_offset(*slopes, pool, shear * SHEAR_STEP * pool, length)
+                           for slopes, pool, shear in axes) <= straight:
+                        return length, pool_rows, pool_cols, middle_rows, middle_cols, True
         return slab, pool_rows, pool_cols, 0, 0, False
 
     def _rays_vox(self, view: View) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -455,7 +456,6 @@ class SliceWarpProjector:
 
         o_main = origins_vox[main]  # (h, w), or (1, 1) for a cone beam
         device, dtype = stack.device, self.volume.dtype
-        pool = self._worker_pool(device)
         planes = _grid_planes(origins_vox, slope, main, slab, ((col_axis, pool_cols, shear_cols, n_cols),
                                                                (row_axis, pool_rows, shear_rows, n_rows)), dtype)
         start, step = (plane.to(device=device, dtype=dtype) for plane in planes)  # (h, w, 2) x, y
@@ -498,6 +498,7 @@ class SliceWarpProjector:
                     target.copy_(torch.maximum(target, samples.amax(0)))
             return partial
 
+        pool = self._worker_pool(device)
         groups = [pool.submit(project_chunks, group) for group in range(_GROUPS)] if pool is not None else None
         # Ray length per unit of main index: the direction is a unit world vector, so 1 / |d(main)/d(mm)|. Made
         # while the workers sample.
@@ -1035,7 +1036,7 @@ def _mean_square_offset(low: float, high: float, pool: int, shift_per_slice: flo
     of the slope peaks at an end). A straight slab's (no shift) is slope^2 (slab^2 - 1) / 12. A few numbers: plain
     Python."""
     offsets = [t - (slab - 1) / 2.0 for t in range(slab)]  # slices from the slab's centre
-    shifts = [round(shift_per_slice * offset) for offset in offsets]
+    shifts = [_rounded_shifts(offset, shift_per_slice)[0][1] for offset in offsets]
     return max(sum(((slope * offset - shift) / pool) ** 2 for offset, shift in zip(offsets, shifts)) / slab
                for slope in (low, high))
 
