@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from ct2x.drr import RENDER_SLAB_LENGTHS
 from ct2x.projector import slicewarp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_projector import CASES, REPO_ROOT, make_view, parse_case, prepare_volumes  # noqa: E402
+from bench_projector import CASES, REPO_ROOT, load_case, prepare_volumes  # noqa: E402
 from bench_reconstruct import load_average, machine_facts  # noqa: E402
 from peers import cpu_snapshot, foreign_cpu_percent  # noqa: E402
 
@@ -46,6 +46,17 @@ def projector_at(revision: str):
     sys.modules[name] = module  # dataclasses look their module up there
     exec(compile(source, f"{revision}:ct2x/projector/slicewarp.py", "exec"), module.__dict__)  # noqa: S102
     return module
+
+
+def run_conditions(threads: int, load_before: Optional[float], cpu_before) -> str:
+    """The machine line of a run in this process: CPU, flags, Python, torch, threads and workers, load average and
+    the foreign CPU share since `load_before` / `cpu_before` (`load_average()`, `cpu_snapshot()`)."""
+    facts, cpu_after = machine_facts("cpu"), cpu_snapshot()
+    foreign = f"{foreign_cpu_percent(cpu_before, cpu_after):.0f} %" if cpu_before and cpu_after else "unknown"
+    flags = ", ".join(facts["cpu_flags"]) or "none of note"
+    return (f"Machine: {facts['cpu']}, {facts['cores']} cores (flags: {flags}), Python {facts['python']}, torch "
+            f"{facts['torch']}, {threads} threads and workers; load average {load_before or 0:.2f} -> "
+            f"{load_average() or 0:.2f}, foreign CPU {foreign} over the run.")
 
 
 def median_ms(times: List[float]) -> float:
@@ -82,10 +93,7 @@ def main() -> None:
     load_before, cpu_before = load_average(), cpu_snapshot()
     rows = []
     for case in cases:
-        volume_name, view_name, size, detector = parse_case(case)
-        mu = np.load(args.work_dir / volume_name / "mu.npy")  # (K, J, I) 1/mm
-        affine = np.load(args.work_dir / volume_name / "affine.npy")
-        view = make_view(mu, affine, view_name, size, detector)
+        mu, affine, view = load_case(args.work_dir, case)  # (K, J, I) 1/mm
         volume = torch.from_numpy(mu)[None, None]
         settings = {}
         if args.renderer:
@@ -124,15 +132,8 @@ def main() -> None:
                     f"{median_ms(setups['base']):.2f} | "
                     f"{median_ms(setups['working tree']):.2f} | {difference:.1e} |")
         print(rows[-1], file=sys.stderr, flush=True)
-    facts = machine_facts("cpu")
-    cpu_after = cpu_snapshot()
-    foreign = f"{foreign_cpu_percent(cpu_before, cpu_after):.0f} %" if cpu_before and cpu_after else "unknown"
-    flags = ", ".join(facts["cpu_flags"]) or "none of note"
-    print(f"Machine: {facts['cpu']}, {facts['cores']} cores (flags: {flags}), "
-          f"Python {facts['python']}, torch {facts['torch']}, {args.threads} threads and workers; load average "
-          f"{load_before or 0:.2f} -> {load_average() or 0:.2f}, foreign CPU {foreign} over the run. Base: "
-          f"{args.base}; {args.rounds} alternating rounds per case, medians"
-          f"{'; the renderer projector settings' if args.renderer else ''}.\n")
+    print(f"{run_conditions(args.threads, load_before, cpu_before)} Base: {args.base}; {args.rounds} alternating "
+          f"rounds per case, medians{'; the renderer projector settings' if args.renderer else ''}.\n")
     print("| case | base ms | working tree ms | base / working tree | the same, fastest rounds | set-up ms, base "
           "(1 thread) | set-up ms, working tree | largest image difference / largest value |")
     print("|---|---|---|---|---|---|---|---|")

@@ -28,9 +28,10 @@ import torch
 from ct2x.projector import SliceWarpProjector, single_threaded_ops
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_projector import CASES, REPO_ROOT, make_view, parse_case, prepare_volumes  # noqa: E402
-from bench_reconstruct import load_average, machine_facts  # noqa: E402
-from peers import cpu_snapshot, foreign_cpu_percent  # noqa: E402
+from ab_projector import run_conditions  # noqa: E402
+from bench_projector import CASES, REPO_ROOT, load_case, prepare_volumes  # noqa: E402
+from bench_reconstruct import load_average  # noqa: E402
+from peers import cpu_snapshot  # noqa: E402
 
 
 def in_single_thread(film: torch.Tensor) -> np.ndarray:
@@ -58,10 +59,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     prepare_volumes(args.data_dir, args.work_dir)
-    volume_name, view_name, size, detector = parse_case(args.case)
-    mu = np.load(args.work_dir / volume_name / "mu.npy")  # (K, J, I) 1/mm
-    affine = np.load(args.work_dir / volume_name / "affine.npy")
-    view = make_view(mu, affine, view_name, size, detector)
+    mu, affine, view = load_case(args.work_dir, args.case)  # (K, J, I) 1/mm
     projector = SliceWarpProjector(torch.from_numpy(mu)[None, None], affine, workers=args.threads)
     projector.prepare([view])
     load_before, cpu_before = load_average(), cpu_snapshot()
@@ -74,13 +72,7 @@ def main() -> None:
                 start = time.perf_counter()
                 film = projector.project([view])[0, 0, 0]
                 times[name].append(time.perf_counter() - start)
-    cpu_after = cpu_snapshot()
-    facts = machine_facts("cpu")
-    foreign = f"{foreign_cpu_percent(cpu_before, cpu_after):.0f} %" if cpu_before and cpu_after else "unknown"
-    print(f"Machine: {facts['cpu']}, {facts['cores']} cores (flags: {', '.join(facts['cpu_flags']) or 'none'}), "
-          f"Python {facts['python']}, torch {facts['torch']}, {args.threads} threads and workers; load average "
-          f"{load_before or 0:.2f} -> {load_average() or 0:.2f}, foreign CPU {foreign} over the run. "
-          f"{args.case}, {args.rounds} rounds.\n")
+    print(f"{run_conditions(args.threads, load_before, cpu_before)} {args.case}, {args.rounds} rounds.\n")
     print("| between calls | render ms, median | fastest |")
     print("|---|---|---|")
     for name, seconds in times.items():

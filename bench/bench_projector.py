@@ -163,13 +163,18 @@ class OursRenderer(Renderer):
             return self.projector.project([self.view])[0, 0, 0].numpy().astype(np.float64)
 
 
+def load_case(work_dir: Path, case: str) -> Tuple[np.ndarray, np.ndarray, View]:
+    """A case's cached volume and its view: mu (K, J, I) float32 1/mm, the voxel -> RAS affine, the View."""
+    volume, view_name, size, detector = parse_case(case)
+    mu = np.load(work_dir / volume / "mu.npy")
+    affine = np.load(work_dir / volume / "affine.npy")
+    return mu, affine, make_view(mu, affine, view_name, size, detector)
+
+
 def run_worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
-    volume, view_name, size, detector = parse_case(args.case)
-    folder = args.work_dir / volume
-    mu = np.load(folder / "mu.npy")  # (K, J, I) float32 1/mm
-    affine = np.load(folder / "affine.npy")
-    view = make_view(mu, affine, view_name, size, detector)
+    folder = args.work_dir / parse_case(args.case)[0]
+    mu, affine, view = load_case(args.work_dir, args.case)
     out = folder / "results" / args.case
     out.mkdir(parents=True, exist_ok=True)
     result = {"engine": args.engine, "case": args.case, "threads": args.threads,
