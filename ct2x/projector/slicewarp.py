@@ -101,8 +101,9 @@ class _RayPlan:
     cols: slice
     mask: Optional[np.ndarray]  # (h, w) bool, True where this plan's rays are; None = the whole region
     origins_vox: np.ndarray  # (3, h, w) ray origins, voxel index (i, j, k); (3, 1, 1) for a cone beam's source
-    pixels_main: np.ndarray  # (h, w) main index of each ray's pixel centre, where the ray ends
-    along: np.ndarray  # (h, w) main index per mm along each ray
+    offsets_main: np.ndarray  # (h, w) main index from each ray's origin to its pixel centre, where the ray ends
+    increasing: bool  # the rays run towards increasing main index
+    mm_per_slice: np.ndarray  # (h, w) ray length per unit of main index, mm
     slope: np.ndarray  # (3, h, w) index change per unit of main index along each ray
 
     @property
@@ -266,13 +267,13 @@ class SliceWarpProjector:
                 if mask.all():  # a rectangle of its own (a horizontal view's regions split by columns)
                     mask = None
             offsets = offsets_vox[:, rows, cols]  # (3, h, w) index steps along each ray
-            slope = np.empty(offsets.shape)  # (3, h, w), never above sqrt(3) in size
+            slope = np.empty(offsets.shape, np.float32)  # (3, h, w), never above sqrt(3) in size
             slope[main] = 1.0
             for axis in _SLICE_LAYOUT[main][1]:
                 np.divide(offsets[axis], offsets[main], out=slope[axis])
-            along = offsets[main] / lengths_mm[rows, cols]  # (h, w) main index per mm
+            mm_per_slice = lengths_mm[rows, cols] / np.abs(offsets[main])  # (h, w) ray length / main index travel
+            increasing = bool(offsets[main].flat[0] > 0)  # one direction per region
             origins = origins_vox if origins_vox.shape[1:] == (1, 1) else origins_vox[:, rows, cols]
-            pixels_main = origins[main] + offsets[main]  # (h, w) main index of each ray's pixel
             row_axis, col_axis = _SLICE_LAYOUT[main][1]
             top = rows.start or 0
             for begin, end, choice in self._row_bands(main, pitch_mm, *_row_ranges(slope[row_axis], mask),
@@ -281,7 +282,7 @@ class SliceWarpProjector:
                 plans.append(_RayPlan(main, *choice, slice(top + begin, top + end), cols,
                                       None if mask is None else mask[band],
                                       origins if origins.shape[1:] == (1, 1) else origins[:, band],
-                                      pixels_main[band], along[band], slope[:, band]))
+                                      offsets[main, band], increasing, mm_per_slice[band], slope[:, band]))
         return plans
 
     def _row_bands(self, main: int, pitch_mm: float, row_low: np.ndarray, row_high: np.ndarray,
@@ -357,24 +358,25 @@ class SliceWarpProjector:
         lengths to their pixels (H, W) mm.
 
         Pixel centres are affine in (row, column), so they are built from the detector's centre and axes mapped to
-        voxel index space once, rather than mapping every pixel from RAS.
+        voxel index space once, rather than mapping every pixel from RAS. The per-pixel planes are float32, like
+        the sampling grid they become (a view's set-up, which the workers wait for, moves half the bytes).
         """
-        rows_mm, cols_mm = view.detector.pixel_offsets_mm()  # (H,), (W,)
+        rows_mm, cols_mm = (offsets.astype(np.float32) for offsets in view.detector.pixel_offsets_mm())  # (H,), (W,)
         centre_vox, row_vox, col_vox = self._detector_vox(view)
 
         def pixels_from(origin: np.ndarray) -> np.ndarray:  # (3, H, W) pixel centres - origin, index units
-            return (origin[:, None, None] + row_vox[:, None, None] * rows_mm[:, None]
-                    + col_vox[:, None, None] * cols_mm)
+            origin, rows, cols = (vector.astype(np.float32)[:, None, None] for vector in (origin, row_vox, col_vox))
+            return origin + rows * rows_mm[:, None] + cols * cols_mm
 
         if view.beam == "parallel":
             pixels_vox = pixels_from(centre_vox)
             offsets_vox = np.broadcast_to(
-                view.source_to_detector_mm * (self.voxel_per_mm @ view.principal_direction)[:, None, None],
-                pixels_vox.shape)
-            lengths_mm = np.full(pixels_vox.shape[1:], view.source_to_detector_mm)
+                (view.source_to_detector_mm * (self.voxel_per_mm @ view.principal_direction)).astype(np.float32)[
+                    :, None, None], pixels_vox.shape)
+            lengths_mm = np.full(pixels_vox.shape[1:], view.source_to_detector_mm, dtype=np.float32)
             return pixels_vox - offsets_vox, offsets_vox, lengths_mm
         origins_vox = self._voxel_of(view.source_ras)  # (3,)
-        lengths_mm = np.sqrt(view.source_to_detector_mm ** 2 + rows_mm[:, None] ** 2 + cols_mm[None, :] ** 2)
+        lengths_mm = np.sqrt(np.float32(view.source_to_detector_mm) ** 2 + rows_mm[:, None] ** 2 + cols_mm ** 2)
         return origins_vox[:, None, None], pixels_from(centre_vox - origins_vox), lengths_mm
 
     def _detector_vox(self, view: View) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -449,7 +451,7 @@ class SliceWarpProjector:
         """Starts projecting the rays of one plan (on the workers, if any) and returns what waits for and returns
         their (B*C, h, w) projection."""
         main, slab, pool_rows, pool_cols, shear_rows, shear_cols, _ = plan.stack_key
-        origins_vox, slope, along = plan.origins_vox, plan.slope, plan.along
+        origins_vox, slope = plan.origins_vox, plan.slope
         stack = self._stack(*plan.stack_key, mode)
         row_axis, col_axis = _SLICE_LAYOUT[main][1]
         n_slabs, _, n_rows, n_cols = stack.shape
@@ -461,8 +463,8 @@ class SliceWarpProjector:
         start, step = (plane.to(device=device, dtype=dtype) for plane in planes)  # (h, w, 2) x, y
         starts, steps = (np.moveaxis(plane.numpy(), -1, 0) for plane in planes)  # (2, h, w) x, y
 
-        first, last = self._slabs_in_front_of_source(view, main, slab, n_slabs, o_main, along)
-        past_detector = self._slabs_past_detector(view, slab, along, plan.pixels_main)
+        first, last = self._slabs_in_front_of_source(view, main, slab, n_slabs, o_main, plan.increasing)
+        past_detector = self._slabs_past_detector(view, plan)
         if past_detector is not None:
             threshold = torch.from_numpy(past_detector[0]).to(device=device, dtype=dtype)[..., None]  # (h, w, 1)
             cut_rows, cut_cols = _nearest_cuts(*past_detector)  # (h,), (w,)
@@ -498,11 +500,10 @@ class SliceWarpProjector:
                     target.copy_(torch.maximum(target, samples.amax(0)))
             return partial
 
+        length_per_slice = torch.from_numpy(plan.mm_per_slice).to(device, dtype) if mode == "sum" else None
         pool = self._worker_pool(device)
+        # Nothing more on this thread once the workers start: on two cores it would hold the second one back.
         groups = [pool.submit(project_chunks, group) for group in range(_GROUPS)] if pool is not None else None
-        # Ray length per unit of main index: the direction is a unit world vector, so 1 / |d(main)/d(mm)|. Made
-        # while the workers sample.
-        length_per_slice = torch.from_numpy(1.0 / np.abs(along)).to(device, dtype) if mode == "sum" else None
 
         def finish() -> torch.Tensor:
             partials = ([group.result() for group in groups] if groups is not None
@@ -563,14 +564,14 @@ class SliceWarpProjector:
         for at_mm, pixel_mm, span in ((at_row_mm, rows_mm, plan.rows), (at_col_mm, cols_mm, plan.cols)):
             pitch = pixel_mm[1] - pixel_mm[0] if len(pixel_mm) > 1 else 1.0
             indices.append((at_mm - pixel_mm[0]) / pitch - (span.start or 0))
-        sizes = plan.pixels_main.shape  # (h, w) of the plan's rectangle
+        sizes = plan.mm_per_slice.shape  # (h, w) of the plan's rectangle
         windows = []
         for along, across, across_size, size in ((0, 1, sizes[1], sizes[0]), (1, 0, sizes[0], sizes[1])):
             # the quadrilateral's extent along rows (columns) over the detector's columns (rows) only
             low, high = _extent_within_strip(indices[along], indices[across], -0.5, across_size - 0.5)
             missed = np.isnan(low)  # empty windows: low = size, high = -1
-            low = np.clip(np.floor(np.nan_to_num(low) - 1e-6), 0, size)
-            high = np.clip(np.ceil(np.nan_to_num(high) + 1e-6), -1, size - 1)
+            low = np.minimum(np.maximum(np.floor(low - 1e-6), 0), size)
+            high = np.minimum(np.maximum(np.ceil(high + 1e-6), -1), size - 1)
             windows += [np.where(missed, size, low).astype(np.int64), np.where(missed, -1, high).astype(np.int64)]
         return tuple(windows)
 
@@ -605,13 +606,13 @@ class SliceWarpProjector:
         return self._pool
 
     def _slabs_in_front_of_source(self, view: View, main: int, slab: int, n_slabs: int, o_main: np.ndarray,
-                                  along: np.ndarray) -> Tuple[int, int]:
+                                  increasing: bool) -> Tuple[int, int]:
         """Range of slab indices that lie on the detector side of a cone-beam source (all slabs otherwise)."""
         if view.beam != "cone":
             return 0, n_slabs
         source = float(o_main.flat[0])
         centres = slab * np.arange(n_slabs) + (slab - 1) / 2.0
-        ahead = np.nonzero((centres - source) * np.sign(along.flat[0]) > 0)[0]
+        ahead = np.nonzero((centres - source) * (1 if increasing else -1) > 0)[0]
         if ahead.size == 0:
             return 0, 0
         return int(ahead[0]), int(ahead[-1]) + 1
@@ -620,16 +621,15 @@ class SliceWarpProjector:
         """Whether part of the volume lies past the detector plane, where a ray's samples stop at its pixel."""
         return bool(np.max((self.corners_ras - view.detector_center_ras) @ view.principal_direction) > 0)
 
-    def _slabs_past_detector(self, view: View, slab: int, along: np.ndarray,
-                             pixels_main: np.ndarray) -> Optional[Tuple[np.ndarray, bool]]:
+    def _slabs_past_detector(self, view: View, plan: _RayPlan) -> Optional[Tuple[np.ndarray, bool]]:
         """Per pixel, the slab index from which on (in the ray's direction) slab centres lie past the detector,
         and whether the ray runs towards increasing index; None when the whole volume is in front of the detector.
         """
         if not self._reaches_past_detector(view):
             return None
-        last_inside = (pixels_main - (slab - 1) / 2.0) / slab  # (h, w) slab coordinate of each ray's pixel
-        increasing = bool(along.flat[0] > 0)
-        return (np.floor(last_inside) + 1 if increasing else np.ceil(last_inside) - 1), increasing
+        pixels_main = plan.origins_vox[plan.main] + plan.offsets_main  # (h, w) main index of each ray's pixel
+        last_inside = (pixels_main - (plan.slab - 1) / 2.0) / plan.slab  # (h, w) slab coordinate of each pixel
+        return (np.floor(last_inside) + 1 if plan.increasing else np.ceil(last_inside) - 1), plan.increasing
 
     # --- re-slicing -----------------------------------------------------------------------------------------
     def _build(self, keys: Set[Tuple], pool: Optional[ThreadPoolExecutor]) -> None:
@@ -915,8 +915,10 @@ def _grid_planes(origins_vox: np.ndarray, slope: np.ndarray, main: int, slab: in
     start, step = torch.empty(shape, dtype=host_dtype), torch.empty(shape, dtype=host_dtype)
     for at, (axis, pool, shear, size) in enumerate(axes):
         scale = 2.0 / (pool * max(size - 1, 1))
-        intercept = scale * (origins_vox[axis] + _shear_pad(slab, shear, pool) - (pool - 1) / 2.0) - 1.0
-        np.add(scale * ((slab - 1) / 2.0 - origins_vox[main]) * slope[axis], intercept, out=start.numpy()[..., at],
+        # (1, 1) for a cone beam's one origin, in the slopes' dtype so that no pass runs in float64
+        intercept = (scale * (origins_vox[axis] + _shear_pad(slab, shear, pool) - (pool - 1) / 2.0) - 1.0)
+        factor = scale * ((slab - 1) / 2.0 - origins_vox[main])
+        np.add(factor.astype(slope.dtype) * slope[axis], intercept.astype(slope.dtype), out=start.numpy()[..., at],
                casting="same_kind")
         np.multiply(slope[axis], scale * slab, out=step.numpy()[..., at], casting="same_kind")
     return start, step
@@ -934,18 +936,13 @@ def _extent_within_strip(along: np.ndarray, across: np.ndarray, low: float, high
     candidates = [np.where(inside, along, np.nan)]
     start, end = [0, 1, 3, 2], [1, 3, 2, 0]
     a0, a1, b0, b1 = along[:, start], along[:, end], across[:, start], across[:, end]
-    for line in (low, high):
-        crosses = (b0 - line) * (b1 - line) <= 0
-        with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for line in (low, high):
+            crosses = (b0 - line) * (b1 - line) <= 0
             at = a0 + (line - b0) / (b1 - b0) * (a1 - a0)
-        candidates.append(np.where(crosses & np.isfinite(at), at, np.nan))
+            candidates.append(np.where(crosses & np.isfinite(at), at, np.nan))
     candidates = np.concatenate(candidates, 1)  # (n, 12)
-    with np.errstate(all="ignore"):
-        missing = np.all(np.isnan(candidates), 1)
-        filled = np.where(np.isnan(candidates), np.inf, candidates)
-        least = np.where(missing, np.nan, filled.min(1))
-        greatest = np.where(missing, np.nan, np.where(np.isnan(candidates), -np.inf, candidates).max(1))
-    return least, greatest
+    return np.fmin.reduce(candidates, 1), np.fmax.reduce(candidates, 1)  # NaN only where all are
 
 
 def _cross(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -974,9 +971,9 @@ def _dominant_axis(offsets_vox: np.ndarray, per_voxel: np.ndarray) -> Optional[i
     A pixel's offset is affine in its row and column, so over the detector |offset| peaks at a corner and falls
     below the corners' least only where its sign changes: an axis whose least there beats every other axis's peak
     wins at every pixel."""
-    corners = offsets_vox[:, [0, 0, -1, -1], [0, -1, 0, -1]] * per_voxel[:, None]  # (3, 4)
-    peak = np.abs(corners).max(1)
-    least = np.where(np.all(corners > 0, 1) | np.all(corners < 0, 1), np.abs(corners).min(1), 0.0)
+    corners = (offsets_vox[:, [0, 0, -1, -1], [0, -1, 0, -1]] * per_voxel[:, None]).tolist()  # 3 x 4
+    peak = [max(map(abs, axis)) for axis in corners]
+    least = [min(map(abs, axis)) if all(x > 0 for x in axis) or all(x < 0 for x in axis) else 0.0 for axis in corners]
     winners = [axis for axis in range(3) if least[axis] > max(peak[other] for other in range(3) if other != axis)]
     return winners[0] if winners else None
 
