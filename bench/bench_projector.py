@@ -1,6 +1,7 @@
 """Benchmark our slice-warp projector against DiffDRR, nanodrr and plastimatch on the real chest CT (CPU).
 
-    python bench/bench_projector.py [--data-dir ../shared/data] [--repeats 7] [--peers diffdrr,nanodrr,plastimatch]
+    python bench/bench_projector.py [--data-dir ../shared/data] [--repeats 7] [--warmups 1]
+                                    [--peers diffdrr,nanodrr,plastimatch]
                                     [--cases 'chest512-*-256-*']
 
 Cases (VOLUME-VIEW-SIZE-DETECTOR): the chest CT at full resolution (512 x 512 x 141) and resampled to 128^3, AP and
@@ -197,7 +198,7 @@ def run_worker(args: argparse.Namespace) -> None:
             result["prep_seconds"] = renderer.prep_seconds
             result["whole_seconds"] -= sum(renderer.prep_seconds[1:])  # the repeats of the setup are not paid
         before = cpu_snapshot()
-        result["seconds"], image = renderer.timed_renders(0, args.repeats, args.max_seconds)
+        result["seconds"], image = renderer.timed_renders(args.warmups - 1, args.repeats, args.max_seconds)
         after = cpu_snapshot()
         if before and after:
             result["foreign_cpu_percent"] = foreign_cpu_percent(before, after)
@@ -212,7 +213,7 @@ def run_worker(args: argparse.Namespace) -> None:
 def spawn(args: argparse.Namespace, engine: str, case: str) -> Optional[str]:
     """Run one worker; None on success, else a short reason."""
     command = [sys.executable, str(Path(__file__).resolve()), "--engine", engine, "--case", case,
-               "--work-dir", str(args.work_dir), "--repeats", str(args.repeats),
+               "--work-dir", str(args.work_dir), "--repeats", str(args.repeats), "--warmups", str(args.warmups),
                "--max-seconds", str(args.max_seconds), "--threads", str(args.threads),
                "--launched-at", repr(time.time())]
     try:
@@ -376,7 +377,8 @@ def run_driver(args: argparse.Namespace) -> None:
               f"Python {facts['python']}, torch {facts['torch']}, {args.threads} threads "
               f"per engine (ours: as many single-threaded workers); load average {load_before or 0:.2f} -> "
               f"{load_average() or 0:.2f}, foreign CPU {_foreign_range(rows)} while timing.\n\n"
-              f"Median of up to {args.repeats} runs after 1 warm-up; plastimatch ms is its own clock (\"Total time\" "
+              f"Median of up to {args.repeats} runs after {args.warmups} warm-up{'s' if args.warmups > 1 else ''}; "
+              "plastimatch ms is its own clock (\"Total time\" "
               "minus \"I/O time\": after reading the volume, before writing the image; no process start-up), its "
               "whole-process figure the wall time of one `plastimatch drr` process; the others' whole process: a "
               "fresh worker from start to its first image. Relative L2 = ||ours - X|| / ||X|| (and ||X - exact|| / "
@@ -393,7 +395,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     default_data = os.environ.get("CT2X_DATA_DIR") or str(REPO_ROOT.parent / "shared" / "data")
     parser.add_argument("--data-dir", type=Path, default=Path(default_data),
                         help="folder holding ct/chest_popi_phase00.nii.gz (default: $CT2X_DATA_DIR or ../shared/data)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs per engine and case (after 1 warm-up)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs per engine and case (after the warm-ups)")
+    parser.add_argument("--warmups", type=lambda text: max(1, int(text)), default=1,
+                        help="untimed renders first, per engine and case (at least 1: the first image is the "
+                             "whole-process figure's). A fresh process's first renders also fault in the memory its "
+                             "allocator maps, until the allocator settles (about 6 renders of ours; bench/RESULTS.md, "
+                             "fourteenth stop)")
     parser.add_argument("--max-seconds", type=float, default=30.0,
                         help="stop timing an engine on a case once its timed runs add up to this (at least 3 runs)")
     parser.add_argument("--peers", default=",".join(DEFAULT_PEERS),
