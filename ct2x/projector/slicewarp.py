@@ -506,16 +506,21 @@ class SliceWarpProjector:
         groups = [pool.submit(project_chunks, group) for group in range(_GROUPS)] if pool is not None else None
 
         def finish() -> torch.Tensor:
-            partials = ([group.result() for group in groups] if groups is not None
-                        else [project_chunks(group) for group in range(_GROUPS)])
-            result = partials[0]
-            for partial in partials[1:]:  # in group order: the same sums whichever thread made them
-                result = result + partial if mode == "sum" else torch.maximum(result, partial)
+            result = None
+            for group in range(_GROUPS):  # in group order: the same sums whichever thread made them; each added
+                # as soon as it is done, while the workers sample the later groups
+                partial = groups[group].result() if groups is not None else project_chunks(group)
+                if result is None:
+                    result = partial
+                elif mode == "sum":
+                    result += partial
+                else:
+                    torch.maximum(result, partial, out=result)
             if mode == "max":  # a ray with a sample outside the stack read a zero there; one without samples is zero
                 first_met, last_met = _slab_indices(*_slabs_hitting_stack(starts, steps, n_rows, n_cols, plan.mask))
                 read_zero = torch.from_numpy((first_met > first) | (last_met < last - 1) | (last <= first)).to(device)
                 return torch.where(read_zero, result.clamp_min(0.0), result)
-            return result * length_per_slice
+            return result.mul_(length_per_slice)
 
         return finish
 
