@@ -506,9 +506,10 @@ class SliceWarpProjector:
         groups = [pool.submit(project_chunks, group) for group in range(_GROUPS)] if pool is not None else None
 
         def finish() -> torch.Tensor:
+            # In group order, the same sums whichever thread made them; each partial image as soon as it is done,
+            # while the workers sample the later groups.
             result = None
-            for group in range(_GROUPS):  # in group order: the same sums whichever thread made them; each added
-                # as soon as it is done, while the workers sample the later groups
+            for group in range(_GROUPS):
                 partial = groups[group].result() if groups is not None else project_chunks(group)
                 if result is None:
                     result = partial
@@ -921,7 +922,7 @@ def _grid_planes(origins_vox: np.ndarray, slope: np.ndarray, main: int, slab: in
     for at, (axis, pool, shear, size) in enumerate(axes):
         scale = 2.0 / (pool * max(size - 1, 1))
         # (1, 1) for a cone beam's one origin, in the slopes' dtype so that no pass runs in float64
-        intercept = (scale * (origins_vox[axis] + _shear_pad(slab, shear, pool) - (pool - 1) / 2.0) - 1.0)
+        intercept = scale * (origins_vox[axis] + _shear_pad(slab, shear, pool) - (pool - 1) / 2.0) - 1.0
         factor = scale * ((slab - 1) / 2.0 - origins_vox[main])
         np.add(factor.astype(slope.dtype) * slope[axis], intercept.astype(slope.dtype), out=start.numpy()[..., at],
                casting="same_kind")
