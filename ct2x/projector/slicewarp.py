@@ -370,9 +370,8 @@ class SliceWarpProjector:
 
         if view.beam == "parallel":
             pixels_vox = pixels_from(centre_vox)
-            offsets_vox = np.broadcast_to(
-                (view.source_to_detector_mm * (self.voxel_per_mm @ view.principal_direction)).astype(np.float32)[
-                    :, None, None], pixels_vox.shape)
+            beam_vox = (view.source_to_detector_mm * (self.voxel_per_mm @ view.principal_direction)).astype(np.float32)
+            offsets_vox = np.broadcast_to(beam_vox[:, None, None], pixels_vox.shape)  # (3,) index steps per ray
             lengths_mm = np.full(pixels_vox.shape[1:], view.source_to_detector_mm, dtype=np.float32)
             return pixels_vox - offsets_vox, offsets_vox, lengths_mm
         origins_vox = self._voxel_of(view.source_ras)  # (3,)
@@ -456,18 +455,17 @@ class SliceWarpProjector:
         row_axis, col_axis = _SLICE_LAYOUT[main][1]
         n_slabs, _, n_rows, n_cols = stack.shape
 
-        o_main = origins_vox[main]  # (h, w), or (1, 1) for a cone beam
         device, dtype = stack.device, self.volume.dtype
         planes = _grid_planes(origins_vox, slope, main, slab, ((col_axis, pool_cols, shear_cols, n_cols),
                                                                (row_axis, pool_rows, shear_rows, n_rows)), dtype)
         start, step = (plane.to(device=device, dtype=dtype) for plane in planes)  # (h, w, 2) x, y
         starts, steps = (np.moveaxis(plane.numpy(), -1, 0) for plane in planes)  # (2, h, w) x, y
 
-        first, last = self._slabs_in_front_of_source(view, main, slab, n_slabs, o_main, plan.increasing)
-        past_detector = self._slabs_past_detector(view, plan)
+        first, last = self._slabs_in_front_of_source(view, plan, n_slabs)
+        past_detector = self._slabs_past_detector(view, plan)  # (h, w), or None
         if past_detector is not None:
-            threshold = torch.from_numpy(past_detector[0]).to(device=device, dtype=dtype)[..., None]  # (h, w, 1)
-            cut_rows, cut_cols = _nearest_cuts(*past_detector)  # (h,), (w,)
+            threshold = torch.from_numpy(past_detector).to(device=device, dtype=dtype)[..., None]  # (h, w, 1)
+            cut_rows, cut_cols = _nearest_cuts(past_detector, plan.increasing)  # (h,), (w,)
         # Only the detector rectangle whose rays meet a chunk's slabs is sampled for that chunk: at slider
         # geometry about half the rays of a slab miss it.
         windows = self._slab_windows(view, plan, first, last, n_rows, n_cols)
@@ -487,9 +485,9 @@ class SliceWarpProjector:
                 index = torch.arange(begin, end, device=device, dtype=dtype).view(-1, 1, 1, 1)
                 grid = torch.addcmul(start[rows, cols], index, step[rows, cols])  # (n, h', w', 2)
                 if past_detector is not None and _chunk_reaches_cut(cut_rows[rows], cut_cols[cols], begin, end,
-                                                                    past_detector[1]):
+                                                                    plan.increasing):
                     # samples past a ray's pixel read zero (outside [-1, 1])
-                    past = index >= threshold[rows, cols] if past_detector[1] else index <= threshold[rows, cols]
+                    past = index >= threshold[rows, cols] if plan.increasing else index <= threshold[rows, cols]
                     grid = grid.masked_fill(past.expand_as(grid), 2.0)
                 samples = F.grid_sample(self._staged(stack, begin, end), grid, mode="bilinear",
                                         padding_mode="zeros", align_corners=True)  # (n, B*C, h', w')
@@ -611,14 +609,14 @@ class SliceWarpProjector:
             self._pool = ThreadPoolExecutor(min(self.workers, _GROUPS), thread_name_prefix="ct2x-projector")
         return self._pool
 
-    def _slabs_in_front_of_source(self, view: View, main: int, slab: int, n_slabs: int, o_main: np.ndarray,
-                                  increasing: bool) -> Tuple[int, int]:
-        """Range of slab indices that lie on the detector side of a cone-beam source (all slabs otherwise)."""
+    def _slabs_in_front_of_source(self, view: View, plan: _RayPlan, n_slabs: int) -> Tuple[int, int]:
+        """Range of the plan's slab indices that lie on the detector side of a cone-beam source (all slabs
+        otherwise)."""
         if view.beam != "cone":
             return 0, n_slabs
-        source = float(o_main.flat[0])
-        centres = slab * np.arange(n_slabs) + (slab - 1) / 2.0
-        ahead = np.nonzero((centres - source) * (1 if increasing else -1) > 0)[0]
+        source = float(plan.origins_vox[plan.main].flat[0])
+        centres = plan.slab * np.arange(n_slabs) + (plan.slab - 1) / 2.0
+        ahead = np.nonzero((centres - source) * (1 if plan.increasing else -1) > 0)[0]
         if ahead.size == 0:
             return 0, 0
         return int(ahead[0]), int(ahead[-1]) + 1
@@ -627,15 +625,14 @@ class SliceWarpProjector:
         """Whether part of the volume lies past the detector plane, where a ray's samples stop at its pixel."""
         return bool(np.max((self.corners_ras - view.detector_center_ras) @ view.principal_direction) > 0)
 
-    def _slabs_past_detector(self, view: View, plan: _RayPlan) -> Optional[Tuple[np.ndarray, bool]]:
-        """Per pixel, the slab index from which on (in the ray's direction) slab centres lie past the detector,
-        and whether the ray runs towards increasing index; None when the whole volume is in front of the detector.
-        """
+    def _slabs_past_detector(self, view: View, plan: _RayPlan) -> Optional[np.ndarray]:
+        """Per pixel (h, w), the slab index from which on (in the rays' direction, `plan.increasing`) slab centres
+        lie past the detector; None when the whole volume is in front of the detector."""
         if not self._reaches_past_detector(view):
             return None
         pixels_main = plan.origins_vox[plan.main] + plan.offsets_main  # (h, w) main index of each ray's pixel
         last_inside = (pixels_main - (plan.slab - 1) / 2.0) / plan.slab  # (h, w) slab coordinate of each pixel
-        return (np.floor(last_inside) + 1 if plan.increasing else np.ceil(last_inside) - 1), plan.increasing
+        return np.floor(last_inside) + 1 if plan.increasing else np.ceil(last_inside) - 1
 
     # --- re-slicing -----------------------------------------------------------------------------------------
     def _build(self, keys: Set[Tuple], pool: Optional[ThreadPoolExecutor]) -> None:
