@@ -444,6 +444,69 @@ def test_planning_shortcuts_plan_as_every_pixel_would(monkeypatch, row_bands):
     assert planned == [plans(view) for view in views]
 
 
+@pytest.mark.parametrize("merge_slabs", [False, True])
+def test_nonzero_boxes_hold_every_non_zero_value_of_a_stack(merge_slabs):
+    """The boxes found from the volume's slices hold each slab's non-zero values: exactly in straight stacks, and
+    within the reach of the slices' shifts in sheared ones; a slab of zeros has an empty box."""
+    volume = torch.zeros(2, 1, 30, 34, 38, dtype=torch.float64)
+    volume[0, :, 4:9, 20:31, 2:12] = 1.0
+    volume[1, :, 11:15, 6:9, 25:33] = -2.0  # the boxes hold every volume's values
+    projector = SliceWarpProjector(volume, np.eye(4), merge_slabs=merge_slabs)
+    empty = 0
+    for key in [(main, slab, pool_rows, pool_cols, shear_rows, shear_cols, rounded)
+                for main in range(3) for slab in (1, 4, 7) for pool_rows, pool_cols in ((1, 1), (2, 3))
+                for shear_rows, shear_cols, rounded in ((0, 0, False), (3, -2, False), (-5, 1, True))]:
+        stack = projector._stack(*key, "sum")  # (slabs, B*C, rows, cols)
+        boxes = projector._nonzero_boxes(key)
+        reach = [-(-2 * slicewarp._shear_pad(key[1], shear, pool) // pool) for shear, pool in ((key[4], key[2]),
+                                                                                             (key[5], key[3]))]
+        for box, values in zip(boxes, (stack != 0).any(1)):
+            rows, cols = values.any(1).nonzero().flatten(), values.any(0).nonzero().flatten()
+            if rows.numel() == 0:
+                assert box[0] > box[1] and box[2] > box[3], key
+                empty += 1
+                continue
+            for (low, high), found, slack in zip((box[:2], box[2:]), (rows, cols), reach):
+                assert low <= found.min() and found.max() <= high, key
+                assert found.min() - low <= slack and high - found.max() <= slack, key
+    assert empty > 50  # slabs of zeros among them
+
+
+def test_rays_that_meet_only_zeros_of_a_slab_are_not_sampled(monkeypatch):
+    """A line integral samples each slab only where its rays can read a non-zero value (the slab's box of them, as
+    a CT's reconstruction circle leaves its corners zero): the same sums, bit for bit, from fewer samples. A maximum
+    reads every slab, whose zeros may be its largest values."""
+    volume = torch.zeros(1, 1, 30, 34, 38, dtype=torch.float64)
+    volume[..., 8:22, 5:20, 14:30] = torch.from_numpy(np.random.default_rng(6).standard_normal((14, 15, 16)))
+    affine = np.array([[-1.2, 0.1, 0, 20], [0.05, -1.1, 0, 15], [0, 0, 1.6, -30], [0, 0, 0, 1.0]])
+    center = affine[:3, :3] @ ((np.array([38, 34, 30]) - 1) / 2) + affine[:3, 3]
+    views = [CArm(detector=Detector(48, 40, (1.5, 1.7))).view(-45, 15, center),
+             CArm(detector=Detector.square(80, 10.0)).view(45, 0, center),  # wide cone: two main axes
+             CArm(beam="parallel", detector=Detector.square(40, 1.5)).view(20, 0, center),
+             CArm(detector=Detector.square(40, 0.8)).view(40, 0, center)]  # sheared slabs
+    points = [0]
+    sample = torch.nn.functional.grid_sample
+
+    def counted(input, grid, *args, **kwargs):
+        points[0] += grid.shape[:-1].numel()
+        return sample(input, grid, *args, **kwargs)
+
+    def whole_stacks(self, key):
+        stack = self._stack(*key, "sum")
+        return np.tile([0, stack.shape[2] - 1, 0, stack.shape[3] - 1], (stack.shape[0], 1))
+
+    monkeypatch.setattr(torch.nn.functional, "grid_sample", counted)
+    images, sampled = [], []
+    for boxes in (SliceWarpProjector._nonzero_boxes, whole_stacks):
+        monkeypatch.setattr(SliceWarpProjector, "_nonzero_boxes", boxes)
+        projector = SliceWarpProjector(volume, affine)
+        points[0] = 0
+        line_integrals = [projector.project([view]) for view in views]
+        sampled.append(points[0])
+        images.append(line_integrals + [projector.project([view], "max") for view in views])
+    assert sampled[0] < 0.8 * sampled[1]
+    assert all(torch.equal(skipped, every) for skipped, every in zip(*images))
+
 def test_chunks_cover_exactly_the_windows_of_their_slabs():
     """Each chunk of slabs samples the smallest rectangle holding the windows of its slabs that rays meet (empty
     windows, low > high, left out), or nothing where no ray meets any of them."""

@@ -186,6 +186,8 @@ class SliceWarpProjector:
         self.corners_ras = voxel_to_world(self.affine, corners)  # (8, 3) the box samples can read, RAS mm
         # (slabs, B*C, rows, cols) by (main, slab, pool_rows, pool_cols, shear_rows, shear_cols, rounded, mode)
         self._stacks: Dict[Tuple[int, int, int, int, int, int, bool, str], torch.Tensor] = {}
+        # by (main axis, in-plane axis): each slice's first and last non-zero voxel along that axis (`_extents`)
+        self._extents_found: Optional[Dict[Tuple[int, int], Tuple[np.ndarray, np.ndarray]]] = None
         # while `_build` runs: the volume filtered in-plane (`_planar`) by (rows, cols, mode) for the stacks it builds
         self._planar_volumes: Dict[Tuple[int, int, str], torch.Tensor] = {}
         self._staging: Dict[int, torch.Tensor] = {}  # per thread: flat CPU buffer its chunk is copied into
@@ -228,6 +230,8 @@ class SliceWarpProjector:
                          for shear_cols in range(min(shears_cols), max(shears_cols) + 1)}
         with single_threaded_ops(pool is not None):
             self._build({key + (mode,) for key in keys}, pool)
+        if mode == "sum" and not self._with_graph():
+            self._extents()  # for `_nonzero_boxes`, before the first view
 
     # --- per view -------------------------------------------------------------------------------------------
     def _plans(self, view: View) -> List[_RayPlan]:
@@ -468,7 +472,9 @@ class SliceWarpProjector:
             cut_rows, cut_cols = _nearest_cuts(past_detector, plan.increasing)  # (h,), (w,)
         # Only the detector rectangle whose rays meet a chunk's slabs is sampled for that chunk: at slider
         # geometry about half the rays of a slab miss it.
-        windows = self._slab_windows(view, plan, first, last, n_rows, n_cols)
+        # a line integral skips the rays of a slab that meet only its zeros; a maximum reads them
+        nonzero = self._nonzero_boxes(plan.stack_key) if mode == "sum" and not self._with_graph() else None
+        windows = self._slab_windows(view, plan, first, last, n_rows, n_cols, nonzero)
         if windows is None:  # from every pixel's bounds instead
             windows = _windows_from_pixels(first, last, *_slabs_hitting_stack(starts, steps, n_rows, n_cols, plan.mask))
         height, width = start.shape[:2]
@@ -523,30 +529,37 @@ class SliceWarpProjector:
 
         return finish
 
-    def _slab_windows(self, view: View, plan: _RayPlan, first: int, last: int, n_rows: int,
-                      n_cols: int) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    def _slab_windows(self, view: View, plan: _RayPlan, first: int, last: int, n_rows: int, n_cols: int,
+                      nonzero: Optional[np.ndarray] = None) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                               np.ndarray]]:
         """For each slab of [first, last), the first and last row and column of the plan's rectangle whose rays can
         read its stack (n_rows x n_cols in-plane): four (slabs,) int64 arrays, low > high where none; None where the
-        geometry cannot bound them (a slab's plane reaching behind a cone beam's source).
+        geometry cannot bound them (a slab's plane reaching behind a cone beam's source). With `nonzero` (the
+        stack's `_nonzero_boxes`), only the rays that can read a non-zero value of the slab.
 
-        The rays that read slab n cross its plane inside the stack's rectangle (one filtered voxel beyond it each
-        way, as `_slabs_hitting_stack`), and the pixels of those rays lie in the rectangle's central projection
-        onto the detector: a quadrilateral, whose four corners bound them. A few numbers per slab, instead of
-        every pixel's bounds.
+        The rays that read slab n cross its plane inside the stack's rectangle, or its box of non-zero values (one
+        filtered voxel beyond it each way, as `_slabs_hitting_stack`), and the pixels of those rays lie in the
+        rectangle's central projection onto the detector: a quadrilateral, whose four corners bound them. A few
+        numbers per slab, instead of every pixel's bounds.
         """
         if last <= first:
             return None
         main, slab, pool_rows, pool_cols, shear_rows, shear_cols, _ = plan.stack_key
         row_axis, col_axis = _SLICE_LAYOUT[main][1]
         slabs = np.arange(first, last)
+        boxes, empty = np.array([[0, n_rows - 1, 0, n_cols - 1]]), False  # (1 or slabs, 4) rows, columns
+        if nonzero is not None:
+            boxes = nonzero[first:last]
+            empty = boxes[:, 0] > boxes[:, 1]
         corners = np.empty((len(slabs), 4, 3))  # (slabs, 4, 3) voxel index (i, j, k) of each rectangle's corners
         corners[..., main] = slabs[:, None] * slab + (slab - 1) / 2.0  # the plane of the slab's centre
-        for axis, pool, shear, size, picks in ((row_axis, pool_rows, shear_rows, n_rows, [0, 0, 1, 1]),
-                                               (col_axis, pool_cols, shear_cols, n_cols, [0, 1, 0, 1])):
-            # filtered index u of the padded stack reads the volume in (-1, size): index a = p*u - pad + (p-1)/2
+        for axis, pool, shear, box, picks in ((row_axis, pool_rows, shear_rows, boxes[:, :2], [0, 0, 1, 1]),
+                                              (col_axis, pool_cols, shear_cols, boxes[:, 2:], [0, 1, 0, 1])):
+            # a bilinear sample reads filtered index u of the padded stack within one cell: between box[0] - 1 and
+            # box[1] + 1 (the whole stack: (-1, size)), volume index a = p*u - pad + (p-1)/2
             offset = _shear_pad(slab, shear, pool) - (pool - 1) / 2.0
-            bounds = np.array([-pool - offset - 0.01, pool * size - offset + 0.01])
-            corners[..., axis] = bounds[picks]
+            bounds = np.stack([pool * (box[:, 0] - 1) - offset - 0.01, pool * (box[:, 1] + 1) - offset + 0.01], 1)
+            corners[..., axis] = bounds[:, picks]
         rows_mm, cols_mm = view.detector.pixel_offsets_mm()
         centre, row_vox, col_vox = self._detector_vox(view)
         normal = _cross(row_vox, col_vox)  # of the detector plane, in index space
@@ -573,11 +586,51 @@ class SliceWarpProjector:
         for along, across, across_size, size in ((0, 1, sizes[1], sizes[0]), (1, 0, sizes[0], sizes[1])):
             # the quadrilateral's extent along rows (columns) over the detector's columns (rows) only
             low, high = _extent_within_strip(indices[along], indices[across], -0.5, across_size - 0.5)
-            missed = np.isnan(low)  # empty windows: low = size, high = -1
+            missed = np.isnan(low) | empty  # empty windows: low = size, high = -1
             low = np.minimum(np.maximum(np.floor(low - 1e-6), 0), size)
             high = np.minimum(np.maximum(np.ceil(high + 1e-6), -1), size - 1)
             windows += [np.where(missed, size, low).astype(np.int64), np.where(missed, -1, high).astype(np.int64)]
         return tuple(windows)
+
+    def _nonzero_boxes(self, key: Tuple) -> np.ndarray:
+        """(slabs, 4) int64 for the stack of `key` (`_stack`'s first six): the first and last filtered row and column
+        of each slab that may hold a non-zero value, low > high for a slab of zeros; from the volume's non-zero
+        voxels in each slice (`_extents`), so that no stack is searched.
+
+        A CT's reconstruction circle leaves its corners zero (HU clipped at air), so the slabs nearest the body's
+        front and back are mostly zero, and an oblique view's rays meet them in a small part of the detector.
+        """
+        main, slab, pool_rows, pool_cols, shear_rows, shear_cols = key[:6]
+        starts = np.arange(0, int(self.shape_ijk[main]), slab)  # each slab's first slice
+        boxes = []
+        for axis, pool, shear in zip(_SLICE_LAYOUT[main][1], (pool_rows, pool_cols), (shear_rows, shear_cols)):
+            low, high = self._extents()[main, axis]
+            low, high = np.minimum.reduceat(low, starts), np.maximum.reduceat(high, starts)  # (slabs,) over slices
+            # voxel a of a slice lands at a + pad - shift in the padded plane, |shift| <= pad, filtered by `pool`
+            pad = _shear_pad(slab, shear, pool)
+            boxes += [np.where(low <= high, low // pool, 1), np.where(low <= high, (high + 2 * pad) // pool, 0)]
+        return np.stack(boxes, 1)
+
+    def _extents(self) -> Dict[Tuple[int, int], Tuple[np.ndarray, np.ndarray]]:
+        """By (main axis, in-plane axis): the first and last voxel along that axis that is non-zero in any volume,
+        (slices across main,) int64 each, low > high in a slice of zeros; found once."""
+        if self._extents_found is None:
+            occupied = None  # (K, J, I) bool; index axis a is dim 2 - a
+            for values in self.volume.detach().reshape(-1, *self.volume.shape[2:]):  # (K, J, I) each volume
+                if values.device.type == "cpu" and values.dtype != torch.bfloat16:  # numpy compares 4x faster
+                    non_zero = values.numpy() != 0
+                else:
+                    non_zero = (values != 0).cpu().numpy()
+                occupied = non_zero if occupied is None else np.logical_or(occupied, non_zero, out=occupied)
+            self._extents_found = {}
+            for third in range(3):
+                later, earlier = sorted({0, 1, 2} - {third}, reverse=True)
+                seen = occupied.any(2 - third)  # (later, earlier) index axes, as dims run (k, j, i)
+                for main, axis, lines in ((later, earlier, seen), (earlier, later, seen.T)):
+                    size, found = lines.shape[1], lines.any(1)
+                    self._extents_found[main, axis] = (np.where(found, lines.argmax(1), size),
+                                                       np.where(found, size - 1 - lines[:, ::-1].argmax(1), -1))
+        return self._extents_found
 
     def _staged(self, stack: torch.Tensor, begin: int, end: int) -> torch.Tensor:
         """stack[begin:end] in the volume's dtype; on the CPU copied into this thread's reused buffer first (not
