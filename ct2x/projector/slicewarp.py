@@ -615,21 +615,13 @@ class SliceWarpProjector:
         """By (main axis, in-plane axis): the first and last voxel along that axis that is non-zero in any volume,
         (slices across main,) int64 each, low > high in a slice of zeros; found once."""
         if self._extents_found is None:
-            occupied = None  # (K, J, I) bool; index axis a is dim 2 - a
-            for values in self.volume.detach().reshape(-1, *self.volume.shape[2:]):  # (K, J, I) each volume
-                if values.device.type == "cpu" and values.dtype != torch.bfloat16:  # numpy compares 4x faster
-                    non_zero = values.numpy() != 0
-                else:
-                    non_zero = (values != 0).cpu().numpy()
-                occupied = non_zero if occupied is None else np.logical_or(occupied, non_zero, out=occupied)
             self._extents_found = {}
-            for third in range(3):
-                later, earlier = sorted({0, 1, 2} - {third}, reverse=True)
-                seen = occupied.any(2 - third)  # (later, earlier) index axes, as dims run (k, j, i)
-                for main, axis, lines in ((later, earlier, seen), (earlier, later, seen.T)):
-                    size, found = lines.shape[1], lines.any(1)
-                    self._extents_found[main, axis] = (np.where(found, lines.argmax(1), size),
-                                                       np.where(found, size - 1 - lines[:, ::-1].argmax(1), -1))
+            for third, lines in _non_zero_seen_along(self.volume.detach()).items():
+                later, earlier = sorted({0, 1, 2} - {third}, reverse=True)  # lines' dims run (k, j, i)
+                for main, axis, by_slice in ((later, earlier, lines), (earlier, later, lines.T)):
+                    size, found = by_slice.shape[1], by_slice.any(1)
+                    self._extents_found[main, axis] = (np.where(found, by_slice.argmax(1), size),
+                                                       np.where(found, size - 1 - by_slice[:, ::-1].argmax(1), -1))
         return self._extents_found
 
     def _staged(self, stack: torch.Tensor, begin: int, end: int) -> torch.Tensor:
@@ -889,6 +881,26 @@ def _chunks_of_slabs(first: int, chunk: int, row_low: np.ndarray, row_high: np.n
         rows, cols = (slice(row_begin, row_end + 1), slice(col_begin, col_end + 1)) if met_here else (None, None)
         chunks.append((first + at, first + min(at + chunk, met.size), rows, cols))
     return chunks
+
+
+def _non_zero_seen_along(volume: torch.Tensor) -> Dict[int, np.ndarray]:
+    """Where any of the volumes (B, C, K, J, I) is non-zero, seen along each index axis: by that axis, 0 = i: (K, J),
+    1 = j: (K, I), 2 = k: (J, I) bool. Four slices at a time: in cache, and no mask as large as the volume."""
+    volumes = volume.reshape(-1, *volume.shape[2:])  # (B*C, K, J, I)
+    n_k, n_j, n_i = volumes.shape[1:]
+    seen = {0: np.zeros((n_k, n_j), bool), 1: np.zeros((n_k, n_i), bool), 2: np.zeros((n_j, n_i), bool)}
+    for first in range(0, n_k, 4):
+        occupied = None  # (k, J, I)
+        for block in volumes[:, first:first + 4]:
+            if block.device.type == "cpu":  # numpy compares 4x faster than torch
+                non_zero = block.numpy() != 0
+            else:
+                non_zero = (block != 0).cpu().numpy()
+            occupied = non_zero if occupied is None else np.logical_or(occupied, non_zero, out=occupied)
+        seen[0][first:first + len(occupied)] = occupied.any(2)
+        seen[1][first:first + len(occupied)] = occupied.any(1)
+        seen[2] |= occupied.any(0)
+    return seen
 
 
 def _windows_from_pixels(first: int, last: int, enter: np.ndarray,
