@@ -152,6 +152,10 @@ class SliceWarpProjector:
     `shear=False` keeps every slab straight. A slider's renderer wants that: where a shear pays changes between the
     angles a sweep's preparation samples, so a view in between could need a sheared stack that nobody prepared.
 
+    Line integrals skip, slab by slab, the rays that can meet only zeros of the slab (outside the box of the
+    volume's non-zero voxels in its slices, found when preparing): the same sums from fewer samples where a CT's
+    reconstruction circle or the air around the body leaves the slabs nearest its front and back mostly zero.
+
     Differentiable with respect to the volume. Re-sliced copies are cached per (main axis, slab length, filter
     factors, shear) when the volume does not require gradients; with gradients they are rebuilt per call so that
     every call has its own graph. The cache changes only the time a view takes, never its image.
