@@ -1,6 +1,6 @@
 """Benchmark our slice-warp projector against DiffDRR, nanodrr and plastimatch on the real chest CT (CPU).
 
-    python bench/bench_projector.py [--data-dir ../shared/data] [--repeats 7] [--warmups 1]
+    python bench/bench_projector.py [--data-dir ../shared/data] [--repeats 7] [--min-seconds 2] [--warmups 1]
                                     [--peers diffdrr,nanodrr,plastimatch]
                                     [--cases 'chest512-*-256-*']
 
@@ -198,7 +198,8 @@ def run_worker(args: argparse.Namespace) -> None:
             result["prep_seconds"] = renderer.prep_seconds
             result["whole_seconds"] -= sum(renderer.prep_seconds[1:])  # the repeats of the setup are not paid
         before = cpu_snapshot()
-        result["seconds"], image = renderer.timed_renders(args.warmups - 1, args.repeats, args.max_seconds)
+        result["seconds"], image = renderer.timed_renders(args.warmups - 1, args.repeats, args.max_seconds,
+                                                          args.min_seconds)
         after = cpu_snapshot()
         if before and after:
             result["foreign_cpu_percent"] = foreign_cpu_percent(before, after)
@@ -214,7 +215,8 @@ def spawn(args: argparse.Namespace, engine: str, case: str) -> Optional[str]:
     """Run one worker; None on success, else a short reason."""
     command = [sys.executable, str(Path(__file__).resolve()), "--engine", engine, "--case", case,
                "--work-dir", str(args.work_dir), "--repeats", str(args.repeats), "--warmups", str(args.warmups),
-               "--max-seconds", str(args.max_seconds), "--threads", str(args.threads),
+               "--max-seconds", str(args.max_seconds), "--min-seconds", str(args.min_seconds),
+               "--threads", str(args.threads),
                "--launched-at", repr(time.time())]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
@@ -377,7 +379,9 @@ def run_driver(args: argparse.Namespace) -> None:
               f"Python {facts['python']}, torch {facts['torch']}, {args.threads} threads "
               f"per engine (ours: as many single-threaded workers); load average {load_before or 0:.2f} -> "
               f"{load_average() or 0:.2f}, foreign CPU {_foreign_range(rows)} while timing.\n\n"
-              f"Median of up to {args.repeats} runs after {args.warmups} warm-up{'s' if args.warmups > 1 else ''}; "
+              f"Median of at least {args.repeats} runs"
+              + (f" and {args.min_seconds:g} s" if args.min_seconds > 0 else "")
+              + f" after {args.warmups} warm-up{'s' if args.warmups > 1 else ''}; "
               "plastimatch ms is its own clock (\"Total time\" "
               "minus \"I/O time\": after reading the volume, before writing the image; no process start-up), its "
               "whole-process figure the wall time of one `plastimatch drr` process; the others' whole process: a "
@@ -401,6 +405,11 @@ def main(argv: Optional[List[str]] = None) -> None:
                              "whole-process figure's). A fresh process's first renders also fault in the memory its "
                              "allocator maps, until the allocator settles (about 6 renders of ours; bench/RESULTS.md, "
                              "fourteenth stop)")
+    parser.add_argument("--min-seconds", type=float, default=2.0,
+                        help="keep timing an engine on a case until this much wall time has passed (after at least "
+                             "--repeats runs), so that every engine's median spans seconds of this machine's changing "
+                             "pace, as plastimatch's processes do; 0: exactly --repeats runs, the protocol before the "
+                             "fifteenth stop")
     parser.add_argument("--max-seconds", type=float, default=30.0,
                         help="stop timing an engine on a case once its timed runs add up to this (at least 3 runs)")
     parser.add_argument("--peers", default=",".join(DEFAULT_PEERS),

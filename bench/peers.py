@@ -108,8 +108,10 @@ class Renderer:
         image = self.render()
         return time.perf_counter() - start, image
 
-    def timed_renders(self, warmup: int, repeats: int, max_seconds: float) -> Tuple[List[float], np.ndarray]:
-        """Seconds per render for up to `repeats` renders after `warmup` untimed ones, and the last image.
+    def timed_renders(self, warmup: int, repeats: int, max_seconds: float,
+                      min_seconds: float = 0.0) -> Tuple[List[float], np.ndarray]:
+        """Seconds per render for the renders after `warmup` untimed ones, and the last image: at least `repeats`
+        renders, and more until `min_seconds` of wall time have passed since the first timed one.
 
         Stops early once the timed renders add up to `max_seconds`, keeping at least 3.
         """
@@ -117,7 +119,9 @@ class Renderer:
         for _ in range(warmup):
             image = self.render()
         seconds: List[float] = []
-        while len(seconds) < repeats and (len(seconds) < 3 or sum(seconds) < max_seconds):
+        start = time.perf_counter()
+        while ((len(seconds) < repeats or time.perf_counter() - start < min_seconds)
+               and (len(seconds) < 3 or sum(seconds) < max_seconds)):
             elapsed, image = self.timed_render()
             seconds.append(elapsed)
         return seconds, image
