@@ -507,6 +507,7 @@ def test_rays_that_meet_only_zeros_of_a_slab_are_not_sampled(monkeypatch):
     assert sampled[0] < 0.8 * sampled[1]
     assert all(torch.equal(skipped, every) for skipped, every in zip(*images))
 
+
 def test_chunks_cover_exactly_the_windows_of_their_slabs():
     """Each chunk of slabs samples the smallest rectangle holding the windows of its slabs that rays meet (empty
     windows, low > high, left out), or nothing where no ray meets any of them."""

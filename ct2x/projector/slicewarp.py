@@ -620,12 +620,10 @@ class SliceWarpProjector:
         (slices across main,) int64 each, low > high in a slice of zeros; found once."""
         if self._extents_found is None:
             self._extents_found = {}
-            for third, lines in _non_zero_seen_along(self.volume.detach()).items():
+            for third, lines in _nonzero_seen_along(self.volume.detach()).items():
                 later, earlier = sorted({0, 1, 2} - {third}, reverse=True)  # lines' dims run (k, j, i)
-                for main, axis, by_slice in ((later, earlier, lines), (earlier, later, lines.T)):
-                    size, found = by_slice.shape[1], by_slice.any(1)
-                    self._extents_found[main, axis] = (np.where(found, by_slice.argmax(1), size),
-                                                       np.where(found, size - 1 - by_slice[:, ::-1].argmax(1), -1))
+                self._extents_found[later, earlier] = _first_and_last_true(lines)
+                self._extents_found[earlier, later] = _first_and_last_true(lines.T)
         return self._extents_found
 
     def _staged(self, stack: torch.Tensor, begin: int, end: int) -> torch.Tensor:
@@ -887,7 +885,7 @@ def _chunks_of_slabs(first: int, chunk: int, row_low: np.ndarray, row_high: np.n
     return chunks
 
 
-def _non_zero_seen_along(volume: torch.Tensor) -> Dict[int, np.ndarray]:
+def _nonzero_seen_along(volume: torch.Tensor) -> Dict[int, np.ndarray]:
     """Where any of the volumes (B, C, K, J, I) is non-zero, seen along each index axis: by that axis, 0 = i: (K, J),
     1 = j: (K, I), 2 = k: (J, I) bool. Four slices at a time: in cache, and no mask as large as the volume."""
     volumes = volume.reshape(-1, *volume.shape[2:])  # (B*C, K, J, I)
@@ -916,10 +914,16 @@ def _windows_from_pixels(first: int, last: int, enter: np.ndarray,
     for axis in (1, 0):  # rows: reduced over the columns; columns: over the rows
         row_enter, row_leave = _slab_indices(enter.min(axis), leave.max(axis))
         meets = (row_enter <= numbers) & (row_leave >= numbers)  # (slabs, n)
-        any_met = meets.any(1)
-        windows += [np.where(any_met, meets.argmax(1), meets.shape[1]),
-                    np.where(any_met, meets.shape[1] - 1 - meets[:, ::-1].argmax(1), -1)]
+        windows += _first_and_last_true(meets)
     return tuple(windows)
+
+
+def _first_and_last_true(flags: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Per row of `flags` (m, n) bool, the index of its first and of its last True, (m,) int64 each; n and -1 in a
+    row without one."""
+    found = flags.any(1)
+    return (np.where(found, flags.argmax(1), flags.shape[1]),
+            np.where(found, flags.shape[1] - 1 - flags[:, ::-1].argmax(1), -1))
 
 
 def _slabs_hitting_stack(starts: Sequence[np.ndarray], steps: Sequence[np.ndarray], n_rows: int, n_cols: int,
